@@ -1,0 +1,1 @@
+"""tokensieve.models.backbones."""
