@@ -25,6 +25,10 @@ class VisualTokens:
             token belongs to, 0-based.
         grid: ``(t, h, w)`` — the token grid after temporal patching and spatial
             merging; ``t * h * w == M`` for unpadded samples.
+        saliency: optional ``float [B, M]`` — attention each token receives inside the
+            vision tower (mean over heads and query patches of the last full-attention
+            block, averaged over the patches merged into the token); the signal that
+            VisionZip / FastVID / HoliTom call "[CLS] attention" on towers without a [CLS].
         cache: backbone-private tensors needed to rebuild the full sequence
             (e.g. ``input_ids`` templates); compressors must not read it.
     """
@@ -34,6 +38,7 @@ class VisualTokens:
     positions: torch.Tensor
     frame_index: torch.Tensor
     grid: tuple[int, int, int]
+    saliency: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -51,6 +56,7 @@ class VisualTokens:
             valid=self.valid.to(device),
             positions=self.positions.to(device),
             frame_index=self.frame_index.to(device),
+            saliency=None if self.saliency is None else self.saliency.to(device),
         )
 
 
