@@ -1,0 +1,42 @@
+"""``tokensieve export CKPT OUT``: a training checkpoint → a self-contained compressor folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from tokensieve.models.compressors import REGISTRY
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Write ``OUT/config.json``, ``OUT/model.safetensors`` and ``OUT/recipe.yaml``.
+
+    The checkpoint is read with ``torch.load(weights_only=True)``; the compressor is rebuilt
+    from the ``tokensieve`` record that :class:`~tokensieve.train.module.CompressorModule`
+    writes into every checkpoint, and its weights are loaded with strict key checking. The
+    backbone is not needed. ``recipe.yaml`` holds the module's hyperparameters and the
+    backbone reference (path + revision).
+
+    Raises:
+        FileNotFoundError: ``ckpt_path`` does not exist.
+        KeyError: the checkpoint was not written by a tokensieve module, or names an unknown method.
+    """
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    record = ckpt.get("tokensieve")
+    if record is None:
+        raise KeyError(f"{ckpt_path}: no 'tokensieve' record; was it written by a tokensieve LightningModule?")
+    cls = REGISTRY[record["method"]]
+    compressor = cls(**record["config"])
+    prefix = "compressor."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    compressor.load_state_dict(state, strict=True)
+    out = Path(out_dir)
+    compressor.save_pretrained(out)
+    recipe = {"hyper_parameters": dict(ckpt.get("hyper_parameters", {})), "backbone": record["backbone"], "revision": record["revision"], "source_checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step")}
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return out
