@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def run_quickstart(out: Path, max_epochs: int | None = None) -> dict:
     from tokensieve.train.export import export_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
+    sys.argv = sys.argv[:1]  # LightningCLI gets its arguments from run_cli(args), not from our command line
     times: dict[str, float] = {}
 
     def step(name: str, fn):
@@ -58,7 +60,7 @@ def run_quickstart(out: Path, max_epochs: int | None = None) -> dict:
         return result
 
     step("make tiny backbone", lambda: make_tiny_qwen2_5_vl(out / "backbone"))
-    shard_summary = step("shard sample videos", lambda: write_shards(sample_videos(), out / "shards", clip_seconds=2.0, clip_stride=0.5, max_side=320, val_every=4))
+    shard_summary = step("shard sample videos", lambda: write_shards(sample_videos(), out / "shards", clip_seconds=2.0, clip_stride=0.5, max_side=320, val_every=4, overwrite=True))
     recipe = _write_recipe(out, max_epochs)
     no_log = ["--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
     before = step("validate untrained selector", lambda: _spearman(run_cli(["validate", "--config", str(recipe), *no_log])))

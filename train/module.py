@@ -53,6 +53,13 @@ class CompressorModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._place_backbone()
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning sets the epoch on samplers only; our iterable dataset reseeds its shard
+        # order, shuffle buffer and frame jitter from (seed, epoch) — before workers start
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
     def on_validation_start(self) -> None:
         self._place_backbone()
 

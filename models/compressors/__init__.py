@@ -14,11 +14,17 @@ from tokensieve.models.compressors.base import (
     select_topk,
     selection_from_indices,
 )
+from tokensieve.models.compressors.divprune import DivPrune
+from tokensieve.models.compressors.evs import EVS
 from tokensieve.models.compressors.flexselect import FlexSelect
+from tokensieve.models.compressors.pool import Pool
 from tokensieve.models.compressors.random import RandomSelect
+from tokensieve.models.compressors.tome import ToMe
 from tokensieve.models.compressors.uniform import UniformSelect
 
-REGISTRY: dict[str, type[Compressor]] = {cls.name: cls for cls in (UniformSelect, RandomSelect, FlexSelect)}
+REGISTRY: dict[str, type[Compressor]] = {
+    cls.name: cls for cls in (UniformSelect, RandomSelect, Pool, DivPrune, EVS, ToMe, FlexSelect)
+}
 
 
 def list_compressors() -> list[str]:
@@ -63,7 +69,14 @@ def load_compressor(path_or_id: str | Path, map_location: str = "cpu") -> Compre
 __all__ = [
     "REGISTRY",
     "Compressor",
+    "DivPrune",
+    "EVS",
+    "FlexSelect",
     "LearnedCompressor",
+    "Pool",
+    "RandomSelect",
+    "ToMe",
+    "UniformSelect",
     "get_compressor",
     "list_compressors",
     "load_compressor",

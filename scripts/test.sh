@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up, then run the default test suite (slow / gpu / slurm tests are opt-in markers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+[ "${TOKENSIEVE_USE_CURRENT_ENV:-0}" = "1" ] || . .venv/bin/activate
+export WANDB_MODE="${WANDB_MODE:-offline}"
+python -m pytest "$@"
