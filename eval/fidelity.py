@@ -3,12 +3,15 @@
 Fidelity per method × budget, on held-out clips:
 - kept visual tokens (mean per sample) and retention (kept / M);
 - ``KL(full ‖ compressed)`` of the next-token distributions at the answer position, nats;
-- top-1 agreement: how often the compressed model's argmax next token equals the full model's.
+- top-1 agreement: how often the compressed model's argmax next token equals the full model's;
+- the compressor's own selection time per sample (ms), and as a fraction of the full-token
+  prefill time (vision tower + LLM forward) measured on the same batches.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,20 +81,27 @@ def fidelity_table(backbone: Backbone, compressors: dict[str, Compressor], budge
 
     Returns:
         One row per (budget, method): ``{"budget", "method", "kept_tokens", "retention",
-        "kl", "top1_agreement", "samples"}`` — means over samples.
+        "kl", "top1_agreement", "select_ms", "select_vs_prefill", "samples"}`` — means over
+        samples; times are wall-clock on the backbone's device (CPU here).
     """
     need_saliency = any(getattr(c, "needs_saliency", False) for c in compressors.values())
     sums: dict[tuple, dict] = defaultdict(lambda: defaultdict(float))
+    prefill_s, n_samples = 0.0, 0
     for batch in tqdm(batches, desc="fidelity", disable=not progress):
         if batch.size == 0:
             continue
+        start = time.perf_counter()
         visual = backbone.encode_video(batch, saliency=need_saliency)
         full = backbone(batch, visual)
+        prefill_s += time.perf_counter() - start
+        n_samples += batch.size
         query = backbone.embed_query(batch, visual)
         m = visual.valid.sum(1).float()
         for budget in budgets:
             for name, comp in compressors.items():
+                start = time.perf_counter()
                 sel = comp(visual, query if comp.needs_query else None, budget=budget)
+                select_s = time.perf_counter() - start
                 logits = backbone(batch, visual, sel)
                 acc = sums[(budget, name)]
                 kept = sel.num_kept.float()
@@ -99,11 +109,14 @@ def fidelity_table(backbone: Backbone, compressors: dict[str, Compressor], budge
                 acc["retention"] += (kept / m).sum().item()
                 acc["kl"] += kl_full_to_compressed(full, logits).sum().item()
                 acc["top1_agreement"] += (full.argmax(-1) == logits.argmax(-1)).float().sum().item()
+                acc["select_ms"] += 1000 * select_s
                 acc["samples"] += batch.size
+    prefill_ms = 1000 * prefill_s / max(n_samples, 1)
     rows = []
     for (budget, name), acc in sums.items():
         n = acc.pop("samples")
-        rows.append({"budget": budget, "method": name, **{k: v / n for k, v in acc.items()}, "samples": int(n)})
+        row = {"budget": budget, "method": name, **{k: v / n for k, v in acc.items()}}
+        rows.append({**row, "select_vs_prefill": row["select_ms"] / prefill_ms, "prefill_ms": prefill_ms, "samples": int(n)})
     return rows
 
 
@@ -113,10 +126,13 @@ def print_table(rows: list[dict], title: str = "fidelity vs full tokens") -> Non
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("budget", "method", "kept tokens", "retention", "KL(full‖comp) nats", "top-1 agreement"):
+    for col in ("budget", "method", "kept tokens", "retention", "KL(full‖comp) nats", "top-1 agreement", "select ms/sample", "÷ full prefill"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["budget"]), r["method"], f"{r['kept_tokens']:.1f}", f"{r['retention']:.3f}", f"{r['kl']:.4f}", f"{r['top1_agreement']:.3f}")
+        table.add_row(
+            str(r["budget"]), r["method"], f"{r['kept_tokens']:.1f}", f"{r['retention']:.3f}", f"{r['kl']:.4f}",
+            f"{r['top1_agreement']:.3f}", f"{r['select_ms']:.2f}", f"{r['select_vs_prefill']:.3f}",
+        )
     Console().print(table)
 
 

@@ -5,8 +5,8 @@
 3. validate the untrained selector (Spearman with the teacher on held-out clips);
 4. train it (``fit``; W&B offline), then validate the checkpoint again;
 5. export the checkpoint and load it back with ``tokensieve.load_compressor``;
-6. run the backbone with it at 10 / 25 / 50 % of the visual tokens next to uniform and
-   random selection, print the fidelity table and write everything to ``OUT/quickstart.json``.
+6. run the backbone with it at 10 / 25 / 50 % of the visual tokens next to every registered
+   training-free method (uniform, random, pool, divprune, ...), print the fidelity table and write everything to ``OUT/quickstart.json``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def run_quickstart(out: Path, max_epochs: int | None = None) -> dict:
     from tokensieve.eval.fidelity import fidelity_table, print_table
     from tokensieve.models.backbones import load
     from tokensieve.models.backbones.tiny import make_tiny_qwen2_5_vl
-    from tokensieve.models.compressors import get_compressor, load_compressor
+    from tokensieve.models.compressors import REGISTRY, LearnedCompressor, get_compressor, load_compressor
     from tokensieve.train.cli import run_cli
     from tokensieve.train.export import export_checkpoint
 
@@ -74,7 +74,9 @@ def run_quickstart(out: Path, max_epochs: int | None = None) -> dict:
         from tokensieve.data.reader import VideoShardDataset, make_loader
 
         backbone = load(out / "backbone")
-        compressors = {"flexselect": load_compressor(export_dir), "uniform": get_compressor("uniform"), "random": get_compressor("random", seed=0)}
+        # the trained selector next to every registered training-free method, at the same budgets
+        compressors = {"flexselect": load_compressor(export_dir)}
+        compressors.update({name: get_compressor(name) for name, cls in REGISTRY.items() if not issubclass(cls, LearnedCompressor)})
         cfg = yaml.safe_load(recipe.read_text())["data"]
         loader = make_loader(VideoShardDataset(str(out / "shards" / "val"), num_frames=cfg["num_frames"], size=tuple(cfg["size"])), 4, 0)
         return fidelity_table(backbone, compressors, [0.1, 0.25, 0.5], loader)

@@ -81,6 +81,17 @@ class CompressorModule(pl.LightningModule):
         for reason, count in sorted(self.skipped.items()):
             self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", sync_dist=True)
 
+    def encode(self, batch: VideoBatch, teacher: bool = True, saliency: bool = False, **teacher_kwargs):
+        """Frozen-backbone signals for a batch: ``(visual, query, teacher_signals | None)``.
+
+        The one place where a training step touches the backbone's vision side, so that a
+        batch carrying cached features can bypass the vision tower here.
+        """
+        visual = self.backbone.encode_video(batch, saliency=saliency)
+        query = self.backbone.embed_query(batch, visual)
+        signals = self.backbone.teacher_signals(batch, visual, **teacher_kwargs) if teacher else None
+        return visual, query, signals
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record what ``tokensieve export`` needs to rebuild the compressor without the backbone."""
         checkpoint["tokensieve"] = {
@@ -112,10 +123,7 @@ class FlexSelectDistill(CompressorModule):
         self.save_hyperparameters()
 
     def _signals(self, batch: VideoBatch):
-        visual = self.backbone.encode_video(batch)
-        query = self.backbone.embed_query(batch, visual)
-        teacher = self.backbone.teacher_signals(batch, visual, layer=self.hparams.reference_layer, reduction=self.hparams.reduction, with_logits=False)
-        return visual, query, teacher
+        return self.encode(batch, layer=self.hparams.reference_layer, reduction=self.hparams.reduction, with_logits=False)
 
     def training_step(self, batch: VideoBatch, batch_idx: int):
         if self._count_skipped(batch):
