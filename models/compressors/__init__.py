@@ -15,15 +15,20 @@ from tokensieve.models.compressors.base import (
     selection_from_indices,
 )
 from tokensieve.models.compressors.divprune import DivPrune
+from tokensieve.models.compressors.dycoke import DyCoke
 from tokensieve.models.compressors.evs import EVS
+from tokensieve.models.compressors.fastvid import FastVID
 from tokensieve.models.compressors.flexselect import FlexSelect
+from tokensieve.models.compressors.holitom import HoliTom
 from tokensieve.models.compressors.pool import Pool
 from tokensieve.models.compressors.random import RandomSelect
 from tokensieve.models.compressors.tome import ToMe
 from tokensieve.models.compressors.uniform import UniformSelect
+from tokensieve.models.compressors.visionzip import VisionZip
 
 REGISTRY: dict[str, type[Compressor]] = {
-    cls.name: cls for cls in (UniformSelect, RandomSelect, Pool, DivPrune, EVS, ToMe, FlexSelect)
+    cls.name: cls
+    for cls in (UniformSelect, RandomSelect, Pool, DivPrune, EVS, ToMe, DyCoke, VisionZip, FastVID, HoliTom, FlexSelect)
 }
 
 
@@ -70,13 +75,17 @@ __all__ = [
     "REGISTRY",
     "Compressor",
     "DivPrune",
+    "DyCoke",
     "EVS",
+    "FastVID",
     "FlexSelect",
+    "HoliTom",
     "LearnedCompressor",
     "Pool",
     "RandomSelect",
     "ToMe",
     "UniformSelect",
+    "VisionZip",
     "get_compressor",
     "list_compressors",
     "load_compressor",
