@@ -133,7 +133,7 @@ def print_table(rows: list[dict], title: str = "fidelity vs full tokens") -> Non
             str(r["budget"]), r["method"], f"{r['kept_tokens']:.1f}", f"{r['retention']:.3f}", f"{r['kl']:.4f}",
             f"{r['top1_agreement']:.3f}", f"{r['select_ms']:.2f}", f"{r['select_vs_prefill']:.3f}",
         )
-    Console().print(table)
+    Console(width=max(140, Console().width)).print(table)
 
 
 def save_rows(rows: list[dict], path: str | Path) -> Path:

@@ -79,17 +79,40 @@ def selection_from_indices(indices: list[torch.Tensor], device: torch.device | N
     return _pack(indices, k_max, device or (indices[0].device if indices else None))
 
 
-def _pack(indices: list[torch.Tensor], k_max: int, device) -> Selection:
+def pack_merged(indices: list[torch.Tensor], tokens: list[torch.Tensor], like: torch.Tensor) -> Selection:
+    """Pack per-sample merged outputs into one :class:`Selection`.
+
+    Args:
+        indices: per sample, ``long [k_b]`` representative original indices (any order).
+        tokens: per sample, ``float [k_b, D]`` merged tokens, row-aligned with ``indices``.
+        like: the input ``visual.tokens [B, M, D]`` (gives D, dtype and device).
+
+    Returns:
+        Selection with ascending ``index [B, K]``, ``tokens [B, K, D]`` (K = max k_b) and
+        ``valid [B, K]`` when samples keep different counts; padded slots repeat the
+        sample's last kept index and token (index 0 and a zero token when a sample keeps nothing).
+    """
+    k_max = max((int(i.numel()) for i in indices), default=0)
+    return _pack(indices, k_max, like.device, tokens=tokens, like=like)
+
+
+def _pack(indices: list[torch.Tensor], k_max: int, device, tokens: list[torch.Tensor] | None = None, like: torch.Tensor | None = None) -> Selection:
     index = torch.zeros(len(indices), k_max, dtype=torch.long, device=device)
     valid = torch.zeros(len(indices), k_max, dtype=torch.bool, device=device)
+    out = None if tokens is None else torch.zeros(len(indices), k_max, like.shape[-1], dtype=like.dtype, device=device)
     for b, idx in enumerate(indices):
-        idx = torch.sort(idx.to(device=device, dtype=torch.long)).values
+        idx = idx.to(device=device, dtype=torch.long)
+        order = torch.argsort(idx)
         n = idx.numel()
-        index[b, :n] = idx
+        index[b, :n] = idx[order]
         valid[b, :n] = True
-        if 0 < n < k_max:
-            index[b, n:] = idx[-1]  # padded slots repeat a valid index so gathers stay in range
-    return Selection(index=index, valid=None if bool(valid.all()) else valid)
+        if out is not None:
+            out[b, :n] = tokens[b].to(device)[order].to(out.dtype)
+        if 0 < n < k_max:  # padded slots repeat a valid entry so gathers stay in range
+            index[b, n:] = index[b, n - 1]
+            if out is not None:
+                out[b, n:] = out[b, n - 1]
+    return Selection(index=index, tokens=out, valid=None if bool(valid.all()) else valid)
 
 
 class LearnedCompressor(Compressor, PyTorchModelHubMixin):

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from tokensieve.models.budget import Budget, num_keep
 from tokensieve.models.compressors.base import Compressor, selection_from_indices
-from tokensieve.models.compressors.dpc_knn import frame_sizes, split_count, top_indices
+from tokensieve.models.compressors.frames import frame_sizes, split_count, top_indices
 from tokensieve.models.types import Query, Selection, VisualTokens
 
 

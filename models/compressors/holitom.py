@@ -59,15 +59,9 @@ import torch
 import torch.nn.functional as F
 
 from tokensieve.models.budget import Budget, num_keep
-from tokensieve.models.compressors.base import Compressor
-from tokensieve.models.compressors.dpc_knn import (
-    dpc_knn,
-    frame_sizes,
-    pack_merged,
-    require_saliency,
-    split_count,
-    top_indices,
-)
+from tokensieve.models.compressors.base import Compressor, pack_merged
+from tokensieve.models.compressors.dpc_knn import dpc_knn
+from tokensieve.models.compressors.frames import frame_sizes, require_saliency, split_count, top_indices
 from tokensieve.models.types import Query, Selection, VisualTokens
 
 
@@ -154,7 +148,7 @@ class HoliTom(Compressor):
             idx, tok = self._compress(visual, saliency[b], b, budget)
             indices.append(idx)
             tokens.append(tok)
-        return pack_merged(indices, tokens, visual.tokens.shape[-1], visual.tokens.dtype, visual.tokens.device)
+        return pack_merged(indices, tokens, visual.tokens)
 
     def _compress(self, visual: VisualTokens, saliency: torch.Tensor, b: int, budget: Budget):
         sizes = frame_sizes(visual, b)

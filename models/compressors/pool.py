@@ -47,8 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensieve.models.budget import Budget, check_budget, num_keep
-from tokensieve.models.compressors.base import Compressor
-from tokensieve.models.compressors.tome import pack_merged
+from tokensieve.models.compressors.base import Compressor, pack_merged
 from tokensieve.models.types import Query, Selection, VisualTokens
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensieve.models.budget import Budget, check_budget, num_keep
-from tokensieve.models.compressors.base import Compressor
+from tokensieve.models.compressors.base import Compressor, pack_merged
 from tokensieve.models.types import Query, Selection, VisualTokens
 
 
@@ -96,36 +96,6 @@ def tome_groups(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         group = new_slot[target][group]
         total, size, rep = total[survivors], size[survivors], rep[survivors]
     return group, rep
-
-
-def pack_merged(indices: list[torch.Tensor], tokens: list[torch.Tensor], like: torch.Tensor) -> Selection:
-    """Pack per-sample merged outputs into one :class:`Selection`.
-
-    Args:
-        indices: per sample, ``long [k_b]`` representative original indices (any order).
-        tokens: per sample, ``float [k_b, D]`` merged tokens, row-aligned with ``indices``.
-        like: the input ``visual.tokens [B, M, D]`` (gives D, dtype and device).
-
-    Returns:
-        Selection with ascending ``index [B, K]``, ``tokens [B, K, D]`` (K = max k_b) and
-        ``valid [B, K]`` when samples keep different counts; padded slots repeat the
-        sample's last kept index and token (zeros when a sample keeps nothing).
-    """
-    B, D = len(indices), like.shape[-1]
-    k_max = max((i.numel() for i in indices), default=0)
-    index = torch.zeros(B, k_max, dtype=torch.long, device=like.device)
-    out = torch.zeros(B, k_max, D, dtype=like.dtype, device=like.device)
-    valid = torch.zeros(B, k_max, dtype=torch.bool, device=like.device)
-    for b, (idx, tok) in enumerate(zip(indices, tokens)):
-        order = torch.argsort(idx)
-        n = idx.numel()
-        index[b, :n] = idx[order]
-        out[b, :n] = tok[order].to(like.dtype)
-        valid[b, :n] = True
-        if 0 < n < k_max:
-            index[b, n:] = index[b, n - 1]
-            out[b, n:] = out[b, n - 1]
-    return Selection(index=index, tokens=out, valid=None if bool(valid.all()) else valid)
 
 
 class ToMe(Compressor):
