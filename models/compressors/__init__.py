@@ -20,7 +20,9 @@ from tokensieve.models.compressors.evs import EVS
 from tokensieve.models.compressors.fastvid import FastVID
 from tokensieve.models.compressors.flexselect import FlexSelect
 from tokensieve.models.compressors.holitom import HoliTom
+from tokensieve.models.compressors.llava_scissor import LLaVAScissor
 from tokensieve.models.compressors.pool import Pool
+from tokensieve.models.compressors.prunevid import PruneVid
 from tokensieve.models.compressors.random import RandomSelect
 from tokensieve.models.compressors.tome import ToMe
 from tokensieve.models.compressors.uniform import UniformSelect
@@ -28,7 +30,7 @@ from tokensieve.models.compressors.visionzip import VisionZip
 
 REGISTRY: dict[str, type[Compressor]] = {
     cls.name: cls
-    for cls in (UniformSelect, RandomSelect, Pool, DivPrune, EVS, ToMe, DyCoke, VisionZip, FastVID, HoliTom, FlexSelect)
+    for cls in (UniformSelect, RandomSelect, Pool, DivPrune, EVS, ToMe, DyCoke, VisionZip, FastVID, HoliTom, PruneVid, LLaVAScissor, FlexSelect)
 }
 
 
@@ -80,8 +82,10 @@ __all__ = [
     "FastVID",
     "FlexSelect",
     "HoliTom",
+    "LLaVAScissor",
     "LearnedCompressor",
     "Pool",
+    "PruneVid",
     "RandomSelect",
     "ToMe",
     "UniformSelect",
