@@ -1,10 +1,13 @@
 """Tiny, random-init, real-architecture backbones for CPU runs and tests.
 
-``make_tiny_qwen2_5_vl(out)`` builds a ``Qwen2_5_VLForConditionalGeneration`` from a
-``Qwen2_5_VLConfig`` (a few hundred thousand parameters, fixed seed) plus an offline
-byte-level ``Qwen2Tokenizer`` carrying Qwen2.5-VL's chat template, and saves both with
+``make_tiny_qwen2_5_vl(out)``, ``make_tiny_qwen2_vl(out)`` and
+``make_tiny_llava_onevision(out)`` build the real HF model class from a shrunken config (a
+few hundred thousand parameters, fixed seed) plus an offline byte-level ``Qwen2Tokenizer``
+carrying the model's chat template and special tokens, and save both with
 ``save_pretrained``. Every later step loads the folder with ``from_pretrained`` — the same
-call that loads ``Qwen/Qwen2.5-VL-7B-Instruct`` — so nothing downstream special-cases it.
+call that loads ``Qwen/Qwen2.5-VL-7B-Instruct`` or ``llava-hf/llava-onevision-qwen2-7b-ov-hf``
+— so nothing downstream special-cases it. ``make_tiny(family, out)`` dispatches by
+``model_type``.
 """
 
 from __future__ import annotations
@@ -14,21 +17,7 @@ from pathlib import Path
 
 import torch
 
-# Qwen2.5-VL's chat template (the video/text subset of the released one): a default system
-# turn, vision placeholders <|vision_start|><|video_pad|><|vision_end|>, then the text.
-QWEN_VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from tokensieve.models.backbones.chat_templates import LLAVA_OV_CHAT_TEMPLATE, QWEN_VL_CHAT_TEMPLATE
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -54,19 +43,74 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def make_byte_tokenizer():
+def make_byte_tokenizer(extra_special_tokens: tuple[str, ...] = (), chat_template: str = QWEN_VL_CHAT_TEMPLATE):
     """A byte-level ``Qwen2Tokenizer`` (256 byte tokens, no merges) plus Qwen's special tokens.
 
-    Works offline; every string round-trips. Special tokens get ids 256..262.
+    Works offline; every string round-trips. Special tokens get ids 256..262, then
+    ``extra_special_tokens`` (e.g. LLaVA's ``<image>``, ``<video>``) in order.
     """
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
     vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in QWEN_SPECIAL_TOKENS]})
-    tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+    specials = [*QWEN_SPECIAL_TOKENS, *extra_special_tokens]
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in specials]})
+    tok.chat_template = chat_template
     return tok
+
+
+def _qwen_text_config(tok, hidden_size: int, text_layers: int, mrope: bool) -> dict:
+    """A 4-query / 2-kv-head Qwen2 text config; M-RoPE sections [4, 6, 6] at head_dim 32."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    heads = 4
+    head_dim = hidden_size // heads
+    quarter = head_dim // 8
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if mrope:
+        rest = head_dim // 2 - quarter
+        rope["mrope_section"] = [quarter, rest // 2, rest - rest // 2]
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters=rope,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+
+
+def _qwen_vision_tokens(tok) -> dict:
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def _save(model, tok, out: Path, preprocessor: dict) -> Path:
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    return out
+
+
+QWEN_PREPROCESSOR = {
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+}
 
 
 def make_tiny_qwen2_5_vl(out: str | Path, seed: int = 0, text_layers: int = 4, hidden_size: int = 128) -> Path:
@@ -82,12 +126,7 @@ def make_tiny_qwen2_5_vl(out: str | Path, seed: int = 0, text_layers: int = 4, h
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    out = Path(out)
     tok = make_byte_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    heads = 4
-    head_dim = hidden_size // heads
-    quarter = head_dim // 8
     config = Qwen2_5_VLConfig(
         vision_config=dict(
             depth=2,
@@ -102,44 +141,82 @@ def make_tiny_qwen2_5_vl(out: str | Path, seed: int = 0, text_layers: int = 4, h
             fullatt_block_indexes=[1],
             out_hidden_size=hidden_size,
         ),
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=text_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [quarter, (head_dim // 2 - quarter) // 2, head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2],
-            },
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        text_config=_qwen_text_config(tok, hidden_size, text_layers, mrope=True),
+        **_qwen_vision_tokens(tok),
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "patch_size": 14,
-                "temporal_patch_size": 2,
-                "merge_size": 2,
-                "min_pixels": 3136,
-                "max_pixels": 12845056,
-            },
-            indent=2,
-        )
+    return _save(Qwen2_5_VLForConditionalGeneration(config).eval(), tok, Path(out), QWEN_PREPROCESSOR)
+
+
+def make_tiny_qwen2_vl(out: str | Path, seed: int = 0, text_layers: int = 4, hidden_size: int = 128) -> Path:
+    """Create and save a tiny random-init Qwen2-VL in ``out``.
+
+    Architecture: vision tower depth 2 (embed 64, MLP ratio 2, 4 heads, patch 14, temporal
+    patch 2, 2×2 merge, full attention per frame group), LLM as in
+    :func:`make_tiny_qwen2_5_vl`.
+
+    Returns:
+        The output folder (config, weights, tokenizer, ``preprocessor_config.json``).
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tok = make_byte_tokenizer()
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=64, mlp_ratio=2, num_heads=4, hidden_size=hidden_size, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=_qwen_text_config(tok, hidden_size, text_layers, mrope=True),
+        **_qwen_vision_tokens(tok),
     )
+    torch.manual_seed(seed)
+    return _save(Qwen2VLForConditionalGeneration(config).eval(), tok, Path(out), QWEN_PREPROCESSOR)
+
+
+LLAVA_SPECIAL_TOKENS = ("<image>", "<video>")
+
+
+def make_tiny_llava_onevision(out: str | Path, seed: int = 0, text_layers: int = 4, hidden_size: int = 128, image_size: int = 70) -> Path:
+    """Create and save a tiny random-init LLaVA-OneVision in ``out``.
+
+    Architecture: SigLIP tower of 2 layers (hidden 64, 4 heads, patch 14, ``image_size``
+    70 → a 5×5 patch grid, pooled to 3×3 tokens per frame — the odd side exercises the
+    ``ceil`` in the pooling), GELU projector, a Qwen2 LLM as in :func:`make_tiny_qwen2_5_vl`
+    with 1-D RoPE; the tokenizer adds ``<image>`` / ``<video>`` and LLaVA-OneVision's chat
+    template. ``preprocessor_config.json`` and ``video_preprocessor_config.json`` carry
+    SigLIP's 0.5 / 0.5 mean / std and the square size.
+
+    Returns:
+        The output folder.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    tok = make_byte_tokenizer(LLAVA_SPECIAL_TOKENS, chat_template=LLAVA_OV_CHAT_TEMPLATE)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=14, vision_use_head=False),
+        text_config=Qwen2Config(**_qwen_text_config(tok, hidden_size, text_layers, mrope=False)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    torch.manual_seed(seed)
+    preprocessor = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": image_size, "width": image_size}, "resample": 3, "rescale_factor": 1 / 255}
+    out = _save(LlavaOnevisionForConditionalGeneration(config).eval(), tok, Path(out), preprocessor)
+    (out / "video_preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return out
+
+
+TINY_FACTORIES = {
+    "qwen2_5_vl": make_tiny_qwen2_5_vl,
+    "qwen2_vl": make_tiny_qwen2_vl,
+    "llava_onevision": make_tiny_llava_onevision,
+}
+
+
+def make_tiny(family: str, out: str | Path, seed: int = 0) -> Path:
+    """Build the tiny backbone of ``family`` (a ``model_type``) in ``out``.
+
+    Raises:
+        ValueError: unknown family (the message lists the known ones).
+    """
+    if family not in TINY_FACTORIES:
+        raise ValueError(f"no tiny factory for model_type {family!r}; known: {', '.join(sorted(TINY_FACTORIES))}")
+    return TINY_FACTORIES[family](out, seed=seed)

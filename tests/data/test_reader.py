@@ -21,7 +21,7 @@ from tokensieve.data.reader import (
     make_loader,
     skip_record,
 )
-from tokensieve.data.shards import write_shards
+from tokensieve.data.shards import CAPTION_PROMPT, write_shards
 from tokensieve.data.types import VideoBatch
 from tokensieve.data.video import write_clip
 
@@ -155,7 +155,8 @@ def test_bad_json_and_missing_mp4_are_skipped_and_counted(tmp_path):
     assert skips == Counter({"bad_json": 3, "missing_field": 1})
     assert batches[0].keys == ["fine", "caption_only"]
     assert batches[0].meta[1] == {"caption": "a gray square"}
-    assert batches[0].questions[1] == ""
+    # no question: the caption makes it a captioning sample
+    assert batches[0].questions[1] == CAPTION_PROMPT and batches[0].answers[1] == "a gray square"
 
 
 class _Touch:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
+import torch
 
 from tokensieve.data.samples import sample_videos
 from tokensieve.data.shards import (
+    CAPTION_PROMPT,
     QUESTION_TEMPLATES,
     cut_clips,
     default_question,
@@ -18,7 +22,7 @@ from tokensieve.data.shards import (
     sanitize_key,
     write_shards,
 )
-from tokensieve.data.video import probe, write_clip
+from tokensieve.data.video import decode_frames, probe, write_clip
 
 
 def make_video(path: Path, num_frames: int, fps: int = 10, height: int = 48, width: int = 64) -> Path:
@@ -155,3 +159,100 @@ def test_write_shards_on_the_sample_videos(tmp_path):
     assert (record["width"], record["height"], record["num_frames"]) == (160, 68, 50)
     tail = train["bigbuckbunny_0002"]["json"]
     assert (tail["width"], tail["height"], tail["num_frames"]) == (160, 90, 32)
+
+
+# -- manifests and stream copy -----------------------------------------------------------------
+
+
+def gop_video(path: Path, num_frames: int = 40, fps: int = 10, gop: int = 5) -> Path:
+    """A textured mp4 with a keyframe every ``gop`` frames (frame i shifted by i pixels)."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (1, 48, 64, 3), dtype=np.uint8)
+    frames = np.concatenate([np.roll(base, i, axis=2) for i in range(num_frames)])
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "2"}
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def test_manifest_csv_copy_reencode_captions_and_skip_reasons(tmp_path):
+    gop_video(tmp_path / "v.mp4")  # 4 s, keyframes every 0.5 s
+    (tmp_path / "manifest.csv").write_text(
+        "path,question,options,answer,caption,start,end,topic\n"
+        "v.mp4,What moves?,left|right,left,,1.2,2.6,motion\n"  # keyframe at 1.0: lead 0.2 s -> copy
+        'v.mp4,,"[""a"", ""b""]",,a textured square,,,\n'  # whole video, caption only
+        "missing.mp4,q,,,,,,\n"
+        "v.mp4,q,,,,3,2,\n"
+    )
+    summary = write_shards(None, tmp_path / "out", manifest=tmp_path / "manifest.csv", progress=False)
+    assert summary["rows"] == 4 and summary["samples_written"] == 2
+    assert summary["skipped"] == {"bad_row": 1, "unreadable_video": 1}
+    assert summary["cuts"] == {"copy": 2}
+    samples = tar_samples(tmp_path / "out")
+    assert sorted(samples) == ["v_000002", "v_000003"]  # {stem}_{csv line}, no dots
+    first, second = samples["v_000002"], samples["v_000003"]
+    record = first["json"]
+    assert (record["question"], record["options"], record["answer"], record["topic"]) == ("What moves?", ["left", "right"], "left", "motion")
+    assert record["cut"] == "copy" and record["stored_start"] == pytest.approx(1.0)
+    assert record["span"] == pytest.approx([0.2, 1.6]) and (record["start"], record["end"]) == pytest.approx((1.2, 2.6))
+    assert "txt" not in first
+    assert second["txt"] == b"a textured square"
+    assert second["json"]["question"] == CAPTION_PROMPT and second["json"]["answer"] == "a textured square"
+    assert second["json"]["options"] == ["a", "b"]
+    # the reader samples only inside the span: 14 frames from 1.2 s to 2.5 s
+    frames, stamps = decode_frames(first["mp4"], 14, None, span=tuple(record["span"]))
+    torch.testing.assert_close(stamps, torch.arange(14, dtype=torch.float32) / 10)
+    whole, _ = decode_frames(tmp_path / "v.mp4", 40, None)  # every frame of the source
+    assert torch.equal(frames, whole[12:26])
+
+
+def test_manifest_jsonl_reencodes_when_resizing_or_the_lead_is_long(tmp_path):
+    gop_video(tmp_path / "v.mp4", gop=40)  # one keyframe at 0
+    rows = [
+        {"path": str(tmp_path / "v.mp4"), "start": 2.0, "end": 3.0, "key": "late.clip", "question": "q"},
+        {"path": "v.mp4", "end": 1.0, "key": "early"},
+        "not json",
+        {"path": "v.mp4", "key": "early"},
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    summary = write_shards([], tmp_path / "out", manifest=tmp_path / "m.jsonl", progress=False)
+    assert summary["skipped"] == {"bad_row": 1, "duplicate_key": 1}
+    samples = tar_samples(tmp_path / "out")
+    assert sorted(samples) == ["early", "late_clip"]
+    late = samples["late_clip"]["json"]
+    assert late["cut"] == "reencode" and "span" not in late and late["num_frames"] == 10  # lead 2 s > max_lead
+    assert samples["early"]["json"]["cut"] == "copy"
+    resized = write_shards(None, tmp_path / "small", manifest=tmp_path / "m.jsonl", max_side=32, progress=False)
+    assert resized["cuts"] == {"reencode": 2}
+    assert probe(tar_samples(tmp_path / "small")["early"]["mp4"]).width == 32
+    copied = write_shards(None, tmp_path / "copy", manifest=tmp_path / "m.jsonl", cut="copy", progress=False)
+    assert copied["cuts"] == {"copy": 2}  # forced copy keeps the 2 s lead, span marks the range
+    assert tar_samples(tmp_path / "copy")["late_clip"]["json"]["span"] == pytest.approx([2.0, 3.0])
+
+
+def test_folder_input_copies_clips_when_keyframes_allow(tmp_path):
+    (tmp_path / "videos").mkdir()
+    gop_video(tmp_path / "videos" / "g.mp4")
+    summary = write_shards(tmp_path / "videos", tmp_path / "out", clip_seconds=1.0, progress=False)
+    assert summary["cuts"] == {"copy": 4} and summary["samples_written"] == 4
+    record = tar_samples(tmp_path / "out")["g_0002"]["json"]
+    assert (record["start"], record["end"], *record["span"]) == pytest.approx((2.0, 3.0, 0.0, 1.0))
+    reencoded = write_shards(tmp_path / "videos", tmp_path / "re", clip_seconds=1.0, cut="reencode", progress=False)
+    assert reencoded["cuts"] == {"reencode": 4}
+
+
+def test_shard_cli_with_a_manifest(tmp_path):
+    from tokensieve.cli import main
+
+    gop_video(tmp_path / "v.mp4")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "v.mp4", "start": 1.0, "end": 2.0, "caption": "moving texture"}) + "\n")
+    assert main(["shard", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["samples_written"] == 1 and summary["cuts"] == {"copy": 1}
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"clips-000000.tar": 1}

@@ -188,3 +188,89 @@ def test_write_clip_rejects_bad_frames():
         write_clip(np.zeros((2, 64, 64, 3), np.float32), fps=5)
     with pytest.raises(ValueError, match="fps"):
         write_clip(np.zeros((2, 64, 64, 3), np.uint8), fps=0)
+
+
+# -- planned (seeking) decode, spans, stream copy, torchcodec ------------------------------
+
+
+def test_planned_decode_equals_sequential_decode_and_seeks(monkeypatch):
+    """bikes.mp4 has B-frames and keyframes at frames 0, 30, 76, 137, 187, 242."""
+    from tokensieve.data import video as V
+
+    data = sample_videos()[1].read_bytes()
+    table = V.read_frame_table(data)
+    assert len(table) == 250 and [i for i, k in enumerate(table.keyframe) if k] == [0, 30, 76, 137, 187, 242]
+    _, every = V._decode_sequential(data, "bikes", False, set(range(250)), (56, 80), None)
+    seeks = []
+    real_seek = av.container.InputContainer.seek
+
+    def counting_seek(self, *args, **kwargs):
+        seeks.append(args[0])
+        return real_seek(self, *args, **kwargs)
+
+    monkeypatch.setattr(av.container.InputContainer, "seek", counting_seek)
+    for t, policy in ((4, "uniform"), (8, "jitter"), (40, "uniform")):
+        seeks.clear()
+        frames, stamps = decode_frames(data, t, (56, 80), policy, random.Random(t))
+        positions = [round(float(s) * 25) for s in stamps]
+        assert all(np.array_equal(frames[k].numpy(), every[p]) for k, p in enumerate(positions))
+        if t == 4:  # frames 31, 93, 156, 218: one seek per keyframe group, nothing decoded in between
+            assert seeks == [table.pts[k] for k in (30, 76, 137, 187)]
+
+
+def test_span_limits_sampling_and_shifts_timestamps():
+    data = write_clip(gray_clip(20, step=10), fps=10)
+    frames, stamps = decode_frames(data, 4, None, span=(1.0, 1.8))
+    torch.testing.assert_close(stamps, torch.tensor([0.1, 0.3, 0.5, 0.7]))
+    np.testing.assert_allclose(frame_levels(frames), [110, 130, 150, 170], atol=4)
+    with pytest.raises(ValueError, match="span"):
+        decode_frames(data, 4, None, span=(5.0, 6.0))
+
+
+def test_fps_policy_counts():
+    from tokensieve.data.video import frames_for_fps
+
+    assert frames_for_fps(10.0, 2.0, 64, 250) == 20
+    assert frames_for_fps(10.0, 2.0, 8, 250) == 8
+    assert frames_for_fps(1.3, 2.0, 64, 33, multiple=2) == 2
+    assert frames_for_fps(0.2, 2.0, 64, 5, multiple=2) == 2
+    assert frames_for_fps(0.2, 2.0, 64, 1, multiple=2) == 1
+    data = write_clip(gray_clip(30), fps=10)
+    frames, _ = decode_frames(data, 16, None, "fps", fps=4)
+    assert frames.shape[0] == 12
+
+
+def test_cut_stream_copy_is_pixel_exact_inside_the_span():
+    from tokensieve.data.video import cut_stream_copy
+
+    bikes = sample_videos()[1]
+    clip = cut_stream_copy(bikes, 3.3, 5.1)
+    assert clip.stored_start == pytest.approx(3.04) and clip.span == pytest.approx((0.26, 2.06))  # keyframe 76
+    assert clip.num_frames == 45 and len(clip.data) < bikes.stat().st_size / 3
+    frames, stamps = decode_frames(clip.data, 5, None, span=clip.span)
+    reference, ref_stamps = decode_frames(bikes, 5, None, span=(3.3, 5.1))
+    assert torch.equal(frames, reference)
+    torch.testing.assert_close(stamps, ref_stamps)
+    assert cut_stream_copy(bikes, 3.3, 5.1, max_lead=0.1) is None  # 0.26 s before the range
+
+
+def test_decode_range_seeks_to_the_keyframe():
+    from tokensieve.data.video import decode_range
+
+    frames, times, fps = decode_range(sample_videos()[1], 4.0, 4.4, (32, 48))
+    assert frames.shape == (10, 32, 48, 3) and fps == 25.0
+    np.testing.assert_allclose(times, 4.0 + np.arange(10) / 25)
+
+
+def test_torchcodec_backend_matches_pyav_frames_and_times():
+    from tokensieve.data.video import torchcodec_available
+
+    if not torchcodec_available():
+        pytest.skip("torchcodec not importable (optional: torchcodec==0.13.0 + FFmpeg shared libraries)")
+    bikes = sample_videos()[1].read_bytes()
+    a, ta = decode_frames(bikes, 6, None, backend="pyav")
+    b, tb = decode_frames(bikes, 6, None, backend="torchcodec")
+    torch.testing.assert_close(ta, tb)
+    assert (a.float() - b.float()).abs().mean() < 2  # same frames; colour conversion may round differently
+    c, _ = decode_frames(bikes, 6, (56, 84), backend="torchcodec")
+    assert c.shape == (6, 56, 84, 3)
