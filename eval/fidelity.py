@@ -5,7 +5,8 @@ Fidelity per method × budget, on held-out clips:
 - ``KL(full ‖ compressed)`` of the next-token distributions at the answer position, nats;
 - top-1 agreement: how often the compressed model's argmax next token equals the full model's;
 - the compressor's own selection time per sample (ms), and as a fraction of the full-token
-  prefill time (vision tower + LLM forward) measured on the same batches.
+  prefill time (vision tower + LLM forward) measured on the same batches. In-LLM methods
+  (FastV) select during the forward, so their time is that of the whole pruned LLM forward.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from tokensieve.models.types import Selection, VisualTokens
 class CompressedVLM:
     """A backbone that runs every prefill through ``compressor`` at ``budget``.
 
-    ``select(batch)`` returns the visual tokens and the selection; calling the object
-    returns next-token logits ``[B, V]`` of the pruned prefill.
+    Calling the object returns next-token logits ``[B, V]`` of the pruned prefill.
     """
 
     backbone: Backbone
@@ -42,15 +42,25 @@ class CompressedVLM:
         check_budget(self.budget)
 
     @torch.no_grad()
-    def select(self, batch: VideoBatch, visual: VisualTokens | None = None) -> tuple[VisualTokens, Selection]:
-        visual = visual if visual is not None else self.backbone.encode_video(batch, saliency=getattr(self.compressor, "needs_saliency", False))
-        query = self.backbone.embed_query(batch, visual) if self.compressor.needs_query else None
-        return visual, self.compressor(visual, query, budget=self.budget)
-
-    @torch.no_grad()
     def __call__(self, batch: VideoBatch) -> torch.Tensor:
-        visual, selection = self.select(batch)
-        return self.backbone(batch, visual, selection)
+        visual = self.backbone.encode_video(batch, saliency=self.compressor.needs_saliency)
+        query = self.backbone.embed_query(batch, visual) if self.compressor.needs_query else None
+        return compressed_forward(self.backbone, batch, visual, query, self.compressor, self.budget)[0]
+
+
+def compressed_forward(backbone: Backbone, batch: VideoBatch, visual: VisualTokens, query, compressor: Compressor, budget: Budget) -> tuple[torch.Tensor, Selection]:
+    """Run ``compressor`` at ``budget`` and the backbone on what it keeps.
+
+    Pre-LLM methods select first, then the backbone runs on the kept tokens; in-LLM methods
+    (``compressor.applies == "in_llm"``, e.g. FastV) run through ``backbone.forward_in_llm``.
+
+    Returns:
+        ``(logits [B, V], selection)``.
+    """
+    if compressor.applies == "in_llm":
+        return backbone.forward_in_llm(batch, visual, compressor, budget)
+    selection = compressor(visual, query if compressor.needs_query else None, budget=budget)
+    return backbone(batch, visual, selection), selection
 
 
 def apply(backbone: Backbone, compressor: Compressor, budget: Budget) -> CompressedVLM:
@@ -84,7 +94,7 @@ def fidelity_table(backbone: Backbone, compressors: dict[str, Compressor], budge
         "kl", "top1_agreement", "select_ms", "select_vs_prefill", "samples"}`` — means over
         samples; times are wall-clock on the backbone's device (CPU here).
     """
-    need_saliency = any(getattr(c, "needs_saliency", False) for c in compressors.values())
+    need_saliency = any(c.needs_saliency for c in compressors.values())
     sums: dict[tuple, dict] = defaultdict(lambda: defaultdict(float))
     prefill_s, n_samples = 0.0, 0
     for batch in tqdm(batches, desc="fidelity", disable=not progress):
@@ -100,9 +110,13 @@ def fidelity_table(backbone: Backbone, compressors: dict[str, Compressor], budge
         for budget in budgets:
             for name, comp in compressors.items():
                 start = time.perf_counter()
-                sel = comp(visual, query if comp.needs_query else None, budget=budget)
-                select_s = time.perf_counter() - start
-                logits = backbone(batch, visual, sel)
+                if comp.applies == "in_llm":  # selection happens inside the forward: time the whole pruned forward
+                    logits, sel = backbone.forward_in_llm(batch, visual, comp, budget)
+                    select_s = time.perf_counter() - start
+                else:
+                    sel = comp(visual, query if comp.needs_query else None, budget=budget)
+                    select_s = time.perf_counter() - start
+                    logits = backbone(batch, visual, sel)
                 acc = sums[(budget, name)]
                 kept = sel.num_kept.float()
                 acc["kept_tokens"] += kept.sum().item()
@@ -116,7 +130,8 @@ def fidelity_table(backbone: Backbone, compressors: dict[str, Compressor], budge
     for (budget, name), acc in sums.items():
         n = acc.pop("samples")
         row = {"budget": budget, "method": name, **{k: v / n for k, v in acc.items()}}
-        rows.append({**row, "select_vs_prefill": row["select_ms"] / prefill_ms, "prefill_ms": prefill_ms, "samples": int(n)})
+        in_llm = compressors[name].applies == "in_llm"
+        rows.append({**row, "select_vs_prefill": row["select_ms"] / prefill_ms, "prefill_ms": prefill_ms, "select_includes_forward": in_llm, "samples": int(n)})
     return rows
 
 

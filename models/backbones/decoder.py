@@ -243,6 +243,56 @@ class DecoderBackbone(Backbone):
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=False)
         return out.logits[:, -1]
 
+    def forward_in_llm(self, batch: VideoBatch, visual: VisualTokens, compressor, budget) -> tuple[torch.Tensor, Selection]:
+        """Prune *inside* the LLM at layer K = ``compressor.layer`` (FastV-style), keeping positions.
+
+        Layers ``0 .. K-1`` run on the full sequence. The last prompt token's attention to the
+        video at layer ``K-1`` (recomputed from that layer's q/k, mean over heads) is handed to
+        ``compressor(visual, query, budget, attention=...)``; layers ``K ..`` then see only the
+        kept visual tokens, carrying the hidden states and original position ids they had in
+        the full sequence. Implemented as two forward passes: the second runs the pruned
+        sequence with layer K's input replaced by the gathered full-sequence states, so its
+        layers ``< K`` are recomputed and discarded (wasted work that a fused kernel would
+        skip: measured times of in-LLM methods are upper bounds).
+
+        Returns:
+            ``(logits [B, V], selection)`` — next-token logits at the answer position.
+
+        Raises:
+            ValueError: ``compressor.layer`` not in ``[1, num_layers)``.
+        """
+        k = int(compressor.layer)
+        if not 1 <= k < self.num_layers:
+            raise ValueError(f"in-LLM pruning layer K={k} must be in [1, {self.num_layers})")
+        embeds, mask, positions, spans = self.lm_inputs(batch, visual, None)
+
+        def run_full():
+            return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+
+        captured, _ = capture_layer(run_full, self.language_model.layers[k - 1], need_output=True, stop_early=True)
+        attention = text_to_video_attention(self.language_model.layers[k - 1], captured["hidden"], captured["rope"], spans, visual.num_tokens, "mean", rows="last")
+        query = self.embed_query(batch, visual) if compressor.needs_query else None
+        selection = compressor(visual, query, budget=budget, attention=attention)
+        embeds2, mask2, positions2, spans2 = self.lm_inputs(batch, visual, selection)
+        hidden_k = captured["output"]
+        gathered = torch.zeros_like(embeds2, dtype=hidden_k.dtype)
+        for b, ((pad, vs, m, _), (pad2, vs2, kept, _)) in enumerate(zip(spans, spans2)):
+            index = selection.index[b] if selection.valid is None else selection.index[b][selection.valid[b]]
+            source = torch.cat([torch.arange(pad, vs, device=self.device), vs + index.to(self.device), torch.arange(vs + m, embeds.shape[1], device=self.device)])
+            gathered[b, pad2:] = hidden_k[b, source]
+
+        def replace_input(module, args, kwargs):
+            if args:
+                return (gathered, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": gathered}
+
+        handle = self.language_model.layers[k].register_forward_pre_hook(replace_input, with_kwargs=True)
+        try:
+            out = self.model(inputs_embeds=embeds2, attention_mask=mask2, position_ids=positions2, logits_to_keep=1, use_cache=False)
+        finally:
+            handle.remove()
+        return out.logits[:, -1], selection
+
     @torch.no_grad()
     def generate(self, batch: VideoBatch, visual: VisualTokens, selection: Selection | None = None, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
         """Answer tokens after a (pruned) prefill, greedy by default.

@@ -64,7 +64,7 @@ def capture_layer(run: Callable[[], object], layer: nn.Module, need_output: bool
     return captured, result
 
 
-def text_to_video_attention(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spans: list[tuple[int, int, int, int]], num_visual: int, reduction: str) -> torch.Tensor:
+def text_to_video_attention(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spans: list[tuple[int, int, int, int]], num_visual: int, reduction: str, rows: str = "text") -> torch.Tensor:
     """Softmax attention of the text rows onto the video columns, reduced over heads and rows.
 
     Args:
@@ -75,6 +75,8 @@ def text_to_video_attention(layer: nn.Module, hidden: torch.Tensor, rope: tuple[
             are ``text_start .. L-1``, video columns ``video_start .. video_start+kept-1``.
         num_visual: M, width of the output.
         reduction: "max" or "mean" over heads and text rows.
+        rows: "text" — every text row after the template token (FlexSelect's teacher) — or
+            "last" — only the final prompt token's row (FastV's signal).
 
     Returns:
         ``float32 [B, M]`` — attention per video token, 0 past each sample's ``kept``.
@@ -97,9 +99,10 @@ def text_to_video_attention(layer: nn.Module, hidden: torch.Tensor, rope: tuple[
     scores = torch.zeros(bsz, num_visual, device=h.device, dtype=torch.float32)
     cols = torch.arange(length, device=h.device)
     for b, (pad, vs, kept, ts) in enumerate(spans):
-        rows = torch.arange(ts, length, device=h.device)
-        logit = (q[b, :, ts:].float() @ k[b].float().transpose(-1, -2)) * attn.scaling  # [H, S, L]
-        allowed = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= pad)  # causal, no left padding
+        first = length - 1 if rows == "last" else ts
+        row_ids = torch.arange(first, length, device=h.device)
+        logit = (q[b, :, first:].float() @ k[b].float().transpose(-1, -2)) * attn.scaling  # [H, S, L]
+        allowed = (cols[None, :] <= row_ids[:, None]) & (cols[None, :] >= pad)  # causal, no left padding
         probs = logit.masked_fill(~allowed, float("-inf")).softmax(dim=-1)[:, :, vs : vs + kept]  # [H, S, K]
         scores[b, :kept] = probs.amax(dim=(0, 1)) if reduction == "max" else probs.mean(dim=(0, 1))
     return scores

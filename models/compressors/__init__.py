@@ -17,6 +17,7 @@ from tokensieve.models.compressors.base import (
 from tokensieve.models.compressors.divprune import DivPrune
 from tokensieve.models.compressors.dycoke import DyCoke
 from tokensieve.models.compressors.evs import EVS
+from tokensieve.models.compressors.fastv import FastV
 from tokensieve.models.compressors.fastvid import FastVID
 from tokensieve.models.compressors.flexselect import FlexSelect
 from tokensieve.models.compressors.holitom import HoliTom
@@ -30,7 +31,7 @@ from tokensieve.models.compressors.visionzip import VisionZip
 
 REGISTRY: dict[str, type[Compressor]] = {
     cls.name: cls
-    for cls in (UniformSelect, RandomSelect, Pool, DivPrune, EVS, ToMe, DyCoke, VisionZip, FastVID, HoliTom, PruneVid, LLaVAScissor, FlexSelect)
+    for cls in (UniformSelect, RandomSelect, Pool, DivPrune, EVS, ToMe, DyCoke, VisionZip, FastVID, HoliTom, PruneVid, LLaVAScissor, FastV, FlexSelect)
 }
 
 
@@ -79,6 +80,7 @@ __all__ = [
     "DivPrune",
     "DyCoke",
     "EVS",
+    "FastV",
     "FastVID",
     "FlexSelect",
     "HoliTom",

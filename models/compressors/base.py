@@ -24,13 +24,16 @@ class Compressor(nn.Module):
     """Base class: decides which of the M visual tokens reach the LLM.
 
     Subclasses set ``name`` (the registry key), ``needs_query`` (question embeddings),
-    ``needs_saliency`` (``VisualTokens.saliency`` from the vision tower) and ``applies``
-    ("pre_llm" or "in_llm") and implement :meth:`forward`.
+    ``needs_saliency`` (``VisualTokens.saliency`` from the vision tower),
+    ``needs_attention`` (LLM attention inside the forward pass; such methods have
+    ``applies = "in_llm"`` and run through ``backbone.forward_in_llm``) and implement
+    :meth:`forward`.
     """
 
     name: ClassVar[str] = ""
     needs_query: ClassVar[bool] = False
     needs_saliency: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
     applies: ClassVar[str] = "pre_llm"
 
     def forward(self, visual: VisualTokens, query: Query | None = None, budget: Budget = 0.25) -> Selection:
