@@ -17,7 +17,10 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     from the ``tokensieve`` record that :class:`~tokensieve.train.module.CompressorModule`
     writes into every checkpoint, and its weights are loaded with strict key checking. The
     backbone is not needed. ``recipe.yaml`` holds the module's hyperparameters and the
-    backbone reference (path + revision).
+    backbone reference (path + revision). When the module trained LoRA adapters on the
+    student LLM (the record's ``lora`` entry), they are written to ``OUT/lora/``
+    (``adapter_config.json`` + ``adapter_model.safetensors``, parameter names relative to the
+    backbone's language model); ``tokensieve.train.matryoshka.load_lora_adapter`` attaches them.
 
     Raises:
         FileNotFoundError: ``ckpt_path`` does not exist.
@@ -37,6 +40,23 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     compressor.load_state_dict(state, strict=True)
     out = Path(out_dir)
     compressor.save_pretrained(out)
+    if record.get("lora"):
+        _export_lora(ckpt["state_dict"], record["lora"], out / "lora")
     recipe = {"hyper_parameters": dict(ckpt.get("hyper_parameters", {})), "backbone": record["backbone"], "revision": record["revision"], "source_checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step")}
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return out
+
+
+def _export_lora(state_dict: dict, record: dict, out: Path) -> None:
+    """Write the LoRA weights stored under ``record["prefix"]`` (names with "." written as "__")."""
+    import json
+
+    from safetensors.torch import save_file
+
+    prefix = record["prefix"]
+    weights = {k[len(prefix) :].replace("__", "."): v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+    if not weights:
+        raise KeyError(f"the checkpoint records LoRA adapters but holds no '{prefix}*' weights")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({**record["config"], "target": record.get("target", "language_model")}, indent=2))

@@ -11,12 +11,10 @@ from collections import Counter
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics.functional import spearman_corrcoef
 
 from tokensieve.data.types import VideoBatch
 from tokensieve.models.backbones import Backbone, load
 from tokensieve.models.compressors import LearnedCompressor, get_compressor
-from tokensieve.models.losses import spearman_loss
 
 
 class CompressorModule(pl.LightningModule):
@@ -84,13 +82,93 @@ class CompressorModule(pl.LightningModule):
     def encode(self, batch: VideoBatch, teacher: bool = True, saliency: bool = False, **teacher_kwargs):
         """Frozen-backbone signals for a batch: ``(visual, query, teacher_signals | None)``.
 
-        The one place where a training step touches the backbone's vision side, so that a
-        batch carrying cached features can bypass the vision tower here.
+        The one place where a training step touches the backbone's vision side. A batch from
+        feature-cache shards (``batch.features``, written by ``tokensieve cache-features``)
+        bypasses the vision tower: its cached visual tokens are used as they are, and its
+        cached teacher attention too when it was cached at the requested layer and reduction
+        and no logits are asked for; otherwise the teacher runs on the cached tokens.
         """
-        visual = self.backbone.encode_video(batch, saliency=saliency)
+        if getattr(batch, "features", None) is None:
+            visual = self.backbone.encode_video(batch, saliency=saliency)
+            query = self.backbone.embed_query(batch, visual)
+            signals = self.backbone.teacher_signals(batch, visual, **teacher_kwargs) if teacher else None
+            return visual, query, signals
+        from tokensieve.train.features import teacher_from_features, visual_from_features
+
+        visual = visual_from_features(batch, dtype=next(self.backbone.parameters()).dtype, device=self.device)
+        if saliency and visual.saliency is None:
+            raise ValueError("the feature cache has no vision saliency: rebuild it with `tokensieve cache-features --saliency`")
         query = self.backbone.embed_query(batch, visual)
-        signals = self.backbone.teacher_signals(batch, visual, **teacher_kwargs) if teacher else None
+        signals = None
+        if teacher:
+            kwargs = dict(teacher_kwargs)
+            if kwargs.get("layer") is None:
+                kwargs["layer"] = getattr(self.backbone, "reference_layer", None)
+            signals = teacher_from_features(batch, **{"reduction": "max", "with_logits": True, **kwargs})
+            if signals is None:
+                signals = self.backbone.teacher_signals(batch, visual, **teacher_kwargs)
+            else:
+                signals.attention = signals.attention.to(self.device)
         return visual, query, signals
+
+    def answer_targets(self, batch: VideoBatch) -> torch.Tensor:
+        """``long [B]``: the first token id of each reference answer as the backbone's tokenizer
+        writes it (``-100`` where the answer is empty) — the target of the next-token logits
+        that ``backbone.forward`` returns. Multiple-choice answers are single letters, so the
+        first token is the whole answer."""
+        tokenizer = self.backbone.tokenizer
+        out = []
+        for answer in list(batch.answers) + [""] * (batch.size - len(batch.answers)):
+            ids = tokenizer.encode(answer, add_special_tokens=False) if answer else []
+            out.append(ids[0] if ids else -100)
+        return torch.tensor(out, dtype=torch.long, device=self.device)
+
+    def student_losses(self, logits: torch.Tensor, teacher_logits: torch.Tensor | None, batch: VideoBatch, kl_weight: float = 1.0, ce_weight: float = 1.0, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        """Output-distillation losses of a compressed student's next-token ``logits [B, V]``:
+        ``kl`` = KL(full-token teacher ‖ student) (when ``teacher_logits`` is given and
+        ``kl_weight > 0``), ``ce`` = cross-entropy on the answer's first token (only samples
+        with an answer), and ``loss`` = their weighted sum."""
+        from tokensieve.models.losses import answer_cross_entropy, kl_to_teacher
+
+        out = {"loss": logits.sum() * 0.0}
+        if kl_weight > 0 and teacher_logits is not None:
+            out["kl"] = kl_to_teacher(logits, teacher_logits, temperature)
+            out["loss"] = out["loss"] + kl_weight * out["kl"]
+        targets = self.answer_targets(batch)
+        if ce_weight > 0 and bool((targets != -100).any()):
+            out["ce"] = answer_cross_entropy(logits, targets)
+            out["loss"] = out["loss"] + ce_weight * out["ce"]
+        return out
+
+    @torch.no_grad()
+    def log_budget_metrics(self, batch: VideoBatch, visual, query, teacher_logits: torch.Tensor | None, budgets, prefix: str = "val") -> dict:
+        """Run the compressor (eval mode) at each budget and log ``{prefix}/kl@b`` (vs full
+        tokens), ``{prefix}/top1@b`` (argmax agreement with full tokens),
+        ``{prefix}/accuracy@b`` (answer-token accuracy, when answers exist) and
+        ``{prefix}/retention@b`` (kept / valid tokens). Returns the KL per budget."""
+        from tokensieve.models.losses import kl_to_teacher
+
+        was_training = self.compressor.training
+        self.compressor.eval()
+        targets = self.answer_targets(batch)
+        has_answer = targets != -100
+        kls = {}
+        try:
+            for budget in budgets:
+                sel = self.compressor(visual, query if self.compressor.needs_query else None, budget=budget)
+                logits = self.backbone(batch, visual, sel)
+                tag = f"{prefix}/{{}}@{budget}"
+                self.log(tag.format("retention"), (sel.num_kept.float() / visual.valid.sum(1).float()).mean(), batch_size=batch.size, sync_dist=True)
+                if teacher_logits is not None:
+                    kls[budget] = kl_to_teacher(logits, teacher_logits)
+                    self.log(tag.format("kl"), kls[budget], batch_size=batch.size, sync_dist=True)
+                    self.log(tag.format("top1"), (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean(), batch_size=batch.size, sync_dist=True)
+                if bool(has_answer.any()):
+                    acc = (logits.argmax(-1) == targets)[has_answer].float().mean()
+                    self.log(tag.format("accuracy"), acc, batch_size=int(has_answer.sum()), sync_dist=True)
+        finally:
+            self.compressor.train(was_training)
+        return kls
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record what ``tokensieve export`` needs to rebuild the compressor without the backbone."""
@@ -102,45 +180,10 @@ class CompressorModule(pl.LightningModule):
         }
 
 
-class FlexSelectDistill(CompressorModule):
-    """Train a FlexSelect-style selector to reproduce the teacher's text→video attention ranking.
+def __getattr__(name: str):
+    # FlexSelectDistill lives in tokensieve.train.flexselect; kept importable from here (recipes name it so)
+    if name == "FlexSelectDistill":
+        from tokensieve.train.flexselect import FlexSelectDistill
 
-    Source: FlexSelect (arXiv 2506.00993, repo yunzhuzhang0918/flexselect): loss
-    ``1 - Spearman(softrank(pred), rank(teacher))`` against the attention at reference layer L.
-
-    Args:
-        reference_layer: LLM layer of the teacher signal (default: the backbone's middle layer).
-        reduction: "max" (reference default) or "mean" over heads and text tokens.
-        tau: soft-rank temperature.
-        Others: see :class:`CompressorModule`.
-
-    Logs ``train/loss``, ``val/loss`` and ``val/spearman`` (mean per-sample Spearman rank
-    correlation between selector scores and teacher scores, torchmetrics).
-    """
-
-    def __init__(self, backbone: str, compressor: str = "flexselect", compressor_kwargs: dict | None = None, backbone_kwargs: dict | None = None, reference_layer: int | None = None, reduction: str = "max", tau: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__(backbone, compressor, compressor_kwargs, backbone_kwargs, lr, weight_decay)
-        self.save_hyperparameters()
-
-    def _signals(self, batch: VideoBatch):
-        return self.encode(batch, layer=self.hparams.reference_layer, reduction=self.hparams.reduction, with_logits=False)
-
-    def training_step(self, batch: VideoBatch, batch_idx: int):
-        if self._count_skipped(batch):
-            return None
-        visual, query, teacher = self._signals(batch)
-        scores = self.compressor.score(visual, query)
-        loss = spearman_loss(scores, teacher.attention, visual.valid, self.hparams.tau)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.size)
-        return loss
-
-    def validation_step(self, batch: VideoBatch, batch_idx: int):
-        if batch.size == 0:
-            return None
-        visual, query, teacher = self._signals(batch)
-        scores = self.compressor.score(visual, query)
-        loss = spearman_loss(scores, teacher.attention, visual.valid, self.hparams.tau)
-        rho = torch.stack([spearman_corrcoef(scores[b][visual.valid[b]].float(), teacher.attention[b][visual.valid[b]].float()) for b in range(batch.size)])
-        self.log("val/loss", loss, batch_size=batch.size, sync_dist=True)
-        self.log("val/spearman", rho.mean(), prog_bar=True, batch_size=batch.size, sync_dist=True)
-        return loss
+        return FlexSelectDistill
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

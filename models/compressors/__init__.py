@@ -20,18 +20,23 @@ from tokensieve.models.compressors.evs import EVS
 from tokensieve.models.compressors.fastv import FastV
 from tokensieve.models.compressors.fastvid import FastVID
 from tokensieve.models.compressors.flexselect import FlexSelect
+from tokensieve.models.compressors.grpo import GRPOSelector
 from tokensieve.models.compressors.holitom import HoliTom
 from tokensieve.models.compressors.llava_scissor import LLaVAScissor
+from tokensieve.models.compressors.matryoshka import Matryoshka
 from tokensieve.models.compressors.pool import Pool
 from tokensieve.models.compressors.prunevid import PruneVid
+from tokensieve.models.compressors.qtsplus import QTSplus
 from tokensieve.models.compressors.random import RandomSelect
 from tokensieve.models.compressors.tome import ToMe
 from tokensieve.models.compressors.uniform import UniformSelect
 from tokensieve.models.compressors.visionzip import VisionZip
+from tokensieve.models.compressors.vqtoken import VQToken
 
 REGISTRY: dict[str, type[Compressor]] = {
     cls.name: cls
-    for cls in (UniformSelect, RandomSelect, Pool, DivPrune, EVS, ToMe, DyCoke, VisionZip, FastVID, HoliTom, PruneVid, LLaVAScissor, FastV, FlexSelect)
+    for cls in (UniformSelect, RandomSelect, Pool, DivPrune, EVS, ToMe, DyCoke, VisionZip, FastVID, HoliTom, PruneVid, LLaVAScissor, FastV,
+                FlexSelect, QTSplus, Matryoshka, VQToken, GRPOSelector)
 }
 
 
@@ -83,15 +88,19 @@ __all__ = [
     "FastV",
     "FastVID",
     "FlexSelect",
+    "GRPOSelector",
     "HoliTom",
     "LLaVAScissor",
     "LearnedCompressor",
+    "Matryoshka",
     "Pool",
     "PruneVid",
+    "QTSplus",
     "RandomSelect",
     "ToMe",
     "UniformSelect",
     "VisionZip",
+    "VQToken",
     "get_compressor",
     "list_compressors",
     "load_compressor",

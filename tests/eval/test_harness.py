@@ -1,0 +1,103 @@
+"""Evaluation harness: metrics, report files, resuming, the CLI verb."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tokensieve.data.types import VideoBatch
+from tokensieve.eval import harness
+from tokensieve.eval.refbench.generator import make_sample
+
+
+def refbench_batches(n: int = 6, batch_size: int = 3, split: str = "val", seed: int = 0) -> list[VideoBatch]:
+    """Generated refbench samples as batches (raw frames, no mp4 round trip)."""
+    out = []
+    for start in range(0, n, batch_size):
+        samples = [make_sample(seed, split, i) for i in range(start, min(n, start + batch_size))]
+        out.append(
+            VideoBatch(
+                frames=torch.stack([torch.from_numpy(f) for f, _ in samples]),
+                timestamps=(torch.arange(16, dtype=torch.float32) / 8).expand(len(samples), -1).clone(),
+                frame_mask=torch.ones(len(samples), 16, dtype=torch.bool),
+                questions=[r["question"] for _, r in samples],
+                options=[r["options"] for _, r in samples],
+                answers=[r["answer"] for _, r in samples],
+                keys=[f"{split}_{start + i:06d}" for i in range(len(samples))],
+                meta=[r for _, r in samples],
+            )
+        )
+    return out
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    correct = np.array([1] * 80 + [0] * 20)
+    lo, hi = harness.bootstrap_ci(correct)
+    assert lo < 0.8 < hi and 0.65 < lo and hi < 0.95
+    assert harness.bootstrap_ci(np.ones(10)) == (1.0, 1.0)
+
+
+def test_prefill_flops_grow_with_length():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=2, vocab_size=100)
+    f10, f20 = harness.llm_prefill_flops(cfg, 10), harness.llm_prefill_flops(cfg, 20)
+    assert 0 < f10 < f20 < 2.2 * f10
+    # one layer, L = 1: projections 2·64·(2·64 + 2·32) + attention 2·2·64 + MLP 2·3·64·128 + head 2·64·100
+    one = SimpleNamespace(**{**vars(cfg), "num_hidden_layers": 1})
+    assert harness.llm_prefill_flops(one, 1) == 2 * 64 * 192 + 4 * 64 + 6 * 64 * 128 + 2 * 64 * 100
+
+
+def test_harness_writes_reports_and_resumes(tiny_backbone_dir, tmp_path, monkeypatch):
+    batches = refbench_batches()
+    out = tmp_path / "bench"
+    res = harness.run_benchmark(tiny_backbone_dir, "generated", ["uniform", "random"], [0.1, 0.5], out, batches=batches, resamples=50, progress=False)
+    keys = set(res["cells"])
+    assert keys == {"full@1.0", *(f"{m}@{b}" for m in ("oracle", "uniform", "random") for b in (0.1, 0.5))}
+    for name in ("results.json", "results.md", "pareto.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    full = res["cells"]["full@1.0"]
+    assert full["acc_pct_full"] == 100.0 and full["agreement"] == 1.0 and abs(full["kl"]) < 1e-6
+    assert full["kept_tokens"] == 128 and full["evidence_recall"] == 1.0
+    oracle = res["cells"]["oracle@0.1"]
+    assert oracle["evidence_recall"] == 1.0 and oracle["kept_tokens"] >= 13
+    uni = res["cells"]["uniform@0.1"]
+    assert uni["kept_tokens"] == 13 and uni["prefill_gflops"] < full["prefill_gflops"]
+    for row in res["cells"].values():
+        assert row["samples"] == 6 and 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
+        assert row["prefill_ms"] > 0 and row["kl"] >= -1e-6
+    assert "| 0.1 | oracle |" in (out / "results.md").read_text()
+
+    # a rerun with one more compressor only evaluates the new cells
+    calls = []
+    real = harness._run_cell
+    monkeypatch.setattr(harness, "_run_cell", lambda *a, **k: calls.append((a[2], a[4])) or real(*a, **k))
+    res2 = harness.run_benchmark(tiny_backbone_dir, "generated", ["uniform", "random", "pool"], [0.1, 0.5], out, batches=batches, resamples=50, progress=False)
+    assert sorted(calls) == [("pool", 0.1), ("pool", 0.5)]
+    assert {k: v for k, v in res2["cells"].items() if k in keys} == res["cells"]
+    assert json.loads((out / "results.json").read_text())["cells"].keys() == res2["cells"].keys()
+    # nothing left to do: no cell runs, the backbone is not even loaded
+    calls.clear()
+    harness.run_benchmark(tiny_backbone_dir, "generated", ["uniform", "random", "pool"], [0.1, 0.5], out, batches=batches, resamples=50, progress=False)
+    assert calls == []
+
+
+def test_results_of_another_run_are_refused(tiny_backbone_dir, tmp_path):
+    out = tmp_path / "bench"
+    harness.run_benchmark(tiny_backbone_dir, "generated", ["uniform"], [0.5], out, batches=refbench_batches(3), resamples=10, progress=False)
+    with pytest.raises(ValueError, match="another --out"):
+        harness.run_benchmark(tiny_backbone_dir, "other-data", ["uniform"], [0.5], out, batches=refbench_batches(3), resamples=10, progress=False)
+
+
+def test_eval_cli_on_shards(tiny_backbone_dir, tmp_path):
+    from tokensieve.cli import main
+    from tokensieve.eval.refbench.generator import write_split
+
+    write_split(tmp_path / "shards", "test", 4, progress=False)
+    out = tmp_path / "eval"
+    assert main(["eval", "--backbone", str(tiny_backbone_dir), "--data", str(tmp_path / "shards" / "test"), "--compressors", "uniform", "--budgets", "0.25", "--out", str(out), "--batch-size", "2"]) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert set(cells) == {"full@1.0", "oracle@0.25", "uniform@0.25"} and cells["full@1.0"]["samples"] == 4

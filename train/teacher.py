@@ -1,0 +1,459 @@
+"""Train a whole Qwen2.5-VL-architecture VLM from scratch: the reference benchmark's teacher.
+
+Unlike :class:`~tokensieve.train.module.CompressorModule` (frozen backbone, trainable
+compressor), :class:`RefBenchTeacher` builds a small random-init
+``Qwen2_5_VLForConditionalGeneration`` (architecture from :func:`teacher_config`), loads it
+through the public backbone API (``tokensieve.models.backbones.load``) and **unfreezes every
+weight**. The loss is cross-entropy on the answer letter at the last prompt position, taken
+from the adapter's own ``encode_video`` → ``forward`` path, so the positions (M-RoPE ids, chat
+template) are exactly the ones used at inference.
+
+Token-dropout augmentation (``drop_prob``): a share of the training samples sees only a
+subset of its visual tokens — the evidence tokens (from the sample's json) plus random
+fillers at a random retention in ``drop_range``, or random tokens only. The selection goes
+through the same ``Selection`` path as every compressor, so the teacher learns to read an
+answer from a pruned prefill without being told which compressor made it.
+
+At the end of ``fit`` the model, tokenizer and preprocessor settings are written to
+``export_dir`` (``save_pretrained``), with ``teacher_card.json`` (recipe, seed, steps, wall
+time, validation accuracy), so ``tokensieve.models.backbones.load(export_dir)`` opens it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from tokensieve.data.types import VideoBatch
+from tokensieve.models.backbones import Backbone, load
+from tokensieve.models.compressors import selection_from_indices
+from tokensieve.train.module import CompressorModule
+
+LETTERS = ("A", "B", "C", "D")
+
+TEACHER_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Qwen2.5-VL's chat format without the default system turn: 36 fewer prompt tokens per sample
+with the byte-level tokenizer, which matters when training on a CPU."""
+
+
+def teacher_config(vision_hidden: int = 96, vision_depth: int = 2, vision_heads: int = 4, window_size: int = 112, text_hidden: int = 128, text_layers: int = 4, text_heads: int = 4, kv_heads: int = 2, mlp_ratio: int = 3):
+    """A ``Qwen2_5_VLConfig`` and byte-level tokenizer for a small teacher.
+
+    Same layout as :func:`tokensieve.models.backbones.tiny.make_tiny_qwen2_5_vl` (patch 14,
+    temporal patch 2, 2×2 merge, window attention with the last block full, M-RoPE), with
+    the widths and depths as arguments. ``window_size`` (pixels) of 112 makes a window one
+    whole 112×112 frame: the non-flash attention path loops over windows in Python, so
+    fewer windows train much faster on a CPU.
+
+    Returns:
+        ``(config, tokenizer)``.
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    from tokensieve.models.backbones.tiny import QWEN_SPECIAL_TOKENS, make_byte_tokenizer
+
+    tok = make_byte_tokenizer()
+    tok.chat_template = TEACHER_CHAT_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    head_dim = text_hidden // text_heads
+    quarter = head_dim // 8
+    rest = head_dim // 2 - quarter
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=mlp_ratio * vision_hidden,
+            num_heads=vision_heads,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            tokens_per_second=2,
+            window_size=window_size,
+            fullatt_block_indexes=[vision_depth - 1],
+            out_hidden_size=text_hidden,
+        ),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=text_hidden,
+            intermediate_size=mlp_ratio * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [quarter, rest // 2, rest - rest // 2]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return config, tok
+
+
+PREPROCESSOR_CONFIG = {
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+}
+
+
+def save_teacher(model, tokenizer, out: str | Path) -> Path:
+    """``save_pretrained`` the model and tokenizer into ``out`` with ``preprocessor_config.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    return out
+
+
+def build_teacher(out: str | Path, seed: int = 0, **arch) -> Path:
+    """Create a random-init teacher (seeded) with :func:`teacher_config` and save it to ``out``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config, tok = teacher_config(**arch)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    return save_teacher(model, tok, out)
+
+
+def letter_ids(tokenizer, letters=LETTERS) -> list[int]:
+    """Token id of each answer letter (each must be a single token)."""
+    ids = []
+    for letter in letters:
+        enc = tokenizer.encode(letter, add_special_tokens=False)
+        if len(enc) != 1:
+            raise ValueError(f"answer letter {letter!r} is {len(enc)} tokens in this tokenizer")
+        ids.append(enc[0])
+    return ids
+
+
+def encode_video_with_grad(backbone: Backbone, batch: VideoBatch):
+    """``backbone.encode_video(batch)`` with autograd on (the adapter's method runs under ``no_grad``).
+
+    Calls the undecorated method body (``__wrapped__`` of the ``torch.no_grad`` decorator), so
+    the vision path is the adapter's own code.
+    """
+    fn = type(backbone).encode_video
+    fn = getattr(fn, "__wrapped__", fn)
+    with torch.enable_grad():
+        return fn(backbone, batch)
+
+
+AUX_COLORS = ("red", "green", "blue", "yellow")
+AUX_SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def token_labels(meta: dict, grid: tuple[int, int, int], frames: int = 16, height: int = 112, width: int = 112) -> torch.Tensor:
+    """``long [M, 2]``: per visual token, (colour, shape) class of the object drawn last in its
+    cells — 0 for none, else 1 + index in :data:`AUX_COLORS` / :data:`AUX_SHAPES` — from the
+    ``objects`` of a refbench json (boxes at every visible frame)."""
+    t_n, h, w = grid
+    frames, height, width = meta.get("num_frames", frames), meta.get("height", height), meta.get("width", width)
+    cell_y, cell_x, tp = height // h, width // w, max(1, frames // t_n)
+    out = torch.zeros(t_n * h * w, 2, dtype=torch.long)
+    for o in meta.get("objects", []):
+        for t in range(o["start"], o["end"]):
+            dt = t - o["start"]
+            x0 = int(round(o["x"] + o["vx"] * dt))
+            y0 = int(round(o["y"] + o["vy"] * dt))
+            x1, y1 = x0 + o["size"], y0 + o["size"]
+            color = o["new_color"] if o.get("change_at") is not None and t >= o["change_at"] else o["color"]
+            g = t // tp
+            for ty in range(max(0, y0) // cell_y, min(height - 1, y1 - 1) // cell_y + 1):
+                for tx in range(max(0, x0) // cell_x, min(width - 1, x1 - 1) // cell_x + 1):
+                    out[g * h * w + ty * w + tx] = torch.tensor([1 + AUX_COLORS.index(color), 1 + AUX_SHAPES.index(o["shape"])])
+    return out
+
+
+class RefBenchTeacher(CompressorModule):
+    """Train every weight of a small Qwen2.5-VL from scratch on the reference benchmark.
+
+    Subclasses :class:`CompressorModule` only to plug into the project's LightningCLI (which
+    takes its subclasses); nothing of the frozen-backbone machinery is used.
+
+    Args:
+        arch: keyword arguments of :func:`teacher_config` (widths, depths, heads).
+        init_seed: seed of the random initialisation.
+        init_from: optional folder to start from instead of a random init.
+        export_dir: where the trained teacher is saved at the end of ``fit`` (None: nowhere).
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to
+            ``min_lr_ratio * lr`` over the trainer's ``max_steps``.
+        drop_prob: share of training samples that see a pruned prefill.
+        drop_range: retention range ``(lo, hi)`` of the pruned prefills.
+        evidence_prob: share of pruned samples whose evidence tokens are kept.
+        label_smoothing: CE label smoothing.
+        aux_weight: weight of the auxiliary per-token loss: a linear head on the visual tokens
+            (the merger's output) predicts the colour and the shape of the object drawn in each
+            token's cells (or "none"), from the objects listed in the sample's json. Dense
+            supervision that makes the vision tower learn colours and shapes in a few hundred
+            steps; the head is dropped at export (the teacher is the VLM alone).
+        attn_weight, attn_layer: weight of the auxiliary evidence-attention loss: at decoder
+            layer ``attn_layer`` the last prompt position's attention (recomputed from the
+            layer's own q/k with its M-RoPE, mean over heads, causal softmax over the whole
+            row) is pushed onto the sample's evidence tokens, ``-log Σ_evidence p``. It
+            teaches the LLM where to look, the slow part of learning from scratch; the
+            answer itself is only ever trained by the answer cross-entropy.
+        time_budget_min: wall-clock budget of ``fit`` in minutes (None: none). The schedule's
+            progress is ``max(step / max_steps, elapsed / budget)``, so the learning rate is
+            fully annealed when either runs out, and training stops at the budget — on a
+            busy shared CPU the recipe ends on time with fewer steps instead of overrunning.
+    """
+
+    def __init__(self, arch: dict | None = None, init_seed: int = 0, init_from: str | None = None, export_dir: str | None = None, lr: float = 2e-3, weight_decay: float = 0.01, warmup_steps: int = 200, min_lr_ratio: float = 0.02, drop_prob: float = 0.5, drop_range: tuple[float, float] = (0.05, 0.5), evidence_prob: float = 0.75, label_smoothing: float = 0.0, aux_weight: float = 0.0, time_budget_min: float | None = None, attn_weight: float = 0.0, attn_layer: int = 1):
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        pl.LightningModule.__init__(self)  # not CompressorModule.__init__: there is no frozen backbone here
+        self.save_hyperparameters(init_args)
+        from collections import Counter
+
+        if init_from is None:
+            folder = Path(tempfile.mkdtemp(prefix="refbench-teacher-init-"))
+            build_teacher(folder, seed=init_seed, **(arch or {}))
+        else:
+            folder = Path(init_from)
+        backbone = load(folder)
+        if init_from is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        object.__setattr__(self, "_backbone", backbone)
+        self.model = backbone.model  # the HF model: registered, trained and checkpointed
+        self.model.requires_grad_(True)
+        self.letters = letter_ids(backbone.tokenizer)
+        hidden = backbone.model.config.text_config.hidden_size
+        self.aux_head = torch.nn.Linear(hidden, len(AUX_COLORS) + len(AUX_SHAPES) + 2) if aux_weight > 0 else None
+        self.skipped: Counter = Counter()
+        self._fit_started = None
+        self._val_correct = self._val_total = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _targets(self, batch: VideoBatch) -> torch.Tensor:
+        return torch.tensor([self.letters[LETTERS.index(a)] for a in batch.answers], device=self.device)
+
+    def _dropout_selection(self, batch: VideoBatch, visual):
+        """A Selection that prunes some samples (evidence ∪ random fillers, or random only); None keeps all."""
+        hp = self.hparams
+        if hp.drop_prob <= 0:
+            return None
+        m = visual.num_tokens
+        picks, pruned = [], False
+        for b in range(batch.size):
+            if torch.rand(()) >= hp.drop_prob:
+                picks.append(torch.arange(m))
+                continue
+            pruned = True
+            lo, hi = hp.drop_range
+            keep = max(1, int(round(m * (lo + (hi - lo) * float(torch.rand(()))))))
+            chosen = set(torch.randperm(m)[:keep].tolist())
+            if torch.rand(()) < hp.evidence_prob:
+                evidence = [int(i) for i in (batch.meta[b] or {}).get("evidence_tokens", []) if int(i) < m]
+                chosen = set(evidence) | set(list(chosen)[: max(0, keep - len(evidence))])
+            picks.append(torch.tensor(sorted(chosen), dtype=torch.long))
+        return selection_from_indices(picks, visual.tokens.device) if pruned else None
+
+    def answer_logits(self, batch: VideoBatch, selection_fn=None, with_visual: bool = False):
+        """Full-vocabulary next-token logits ``[B, V]`` at the answer position (with autograd)."""
+        visual = encode_video_with_grad(self.backbone, batch)
+        selection = selection_fn(batch, visual) if selection_fn is not None else None
+        if not with_visual:
+            return self.backbone(batch, visual, selection)
+        if not self.hparams.attn_weight:
+            return self.backbone(batch, visual, selection), visual, None
+        # the adapter's forward, with a hook on the reference layer (same inputs, same positions)
+        embeds, mask, positions, spans = self.backbone.lm_inputs(batch, visual, selection)
+        layer = self.backbone.language_model.layers[self.hparams.attn_layer]
+        captured: dict = {}
+
+        def hook(module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+            captured["rope"] = kwargs["position_embeddings"]
+
+        handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=False)
+        finally:
+            handle.remove()
+        attn_loss = self._evidence_attention_loss(batch, layer, captured, spans, selection)
+        return out.logits[:, -1], visual, attn_loss
+
+    def _evidence_attention_loss(self, batch: VideoBatch, layer, captured: dict, spans, selection) -> torch.Tensor | None:
+        import sys
+
+        attn = layer.self_attn
+        hf = sys.modules[type(attn).__module__]
+        h = layer.input_layernorm(captured["hidden"])
+        bsz, length, _ = h.shape
+        q = attn.q_proj(h[:, -1:]).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = captured["rope"]
+        q, _ = hf.apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:]) if cos.dim() == 3 else hf.apply_rotary_pos_emb(q, q, cos[..., -1:, :], sin[..., -1:, :])
+        _, k = hf.apply_rotary_pos_emb(k, k, cos, sin)
+        k = hf.repeat_kv(k, attn.num_key_value_groups)
+        logit = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, L]
+        losses = []
+        for b, (pad, vs, kept, _ts) in enumerate(spans):
+            evidence = [int(i) for i in (batch.meta[b] or {}).get("evidence_tokens", [])]
+            if not evidence:
+                continue
+            if selection is None:
+                cols = torch.tensor(evidence, device=h.device)
+            else:
+                index = selection.index[b][: kept] if selection.valid is None else selection.index[b][selection.valid[b]]
+                hit = torch.isin(index, torch.tensor(evidence, device=index.device))
+                cols = hit.nonzero().squeeze(1)
+                if cols.numel() == 0:
+                    continue
+            probs = logit[b, :, pad:].softmax(-1).mean(0)  # [L - pad]: last row sees everything
+            losses.append(-torch.log(probs[(vs - pad) + cols].sum() + 1e-6))
+        return torch.stack(losses).mean() if losses else None
+
+    def aux_loss(self, batch: VideoBatch, visual) -> torch.Tensor:
+        """CE of the per-token colour and shape labels (see ``aux_weight``)."""
+        grid = visual.grid
+        labels = torch.stack([token_labels(m or {}, grid) for m in batch.meta]).to(self.device)  # [B, M, 2]
+        out = self.aux_head(visual.tokens.float())
+        nc = len(AUX_COLORS) + 1
+        return F.cross_entropy(out[..., :nc].reshape(-1, nc), labels[..., 0].reshape(-1)) + F.cross_entropy(out[..., nc:].reshape(-1, out.shape[-1] - nc), labels[..., 1].reshape(-1))
+
+    # ------------------------------------------------------------------ loops
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+        self.model.train()  # the backbone loader left it in eval mode (no dropout either way)
+
+    def on_validation_start(self) -> None:
+        pass
+
+    def on_test_start(self) -> None:
+        pass
+
+    def training_step(self, batch: VideoBatch, batch_idx: int):
+        if self._count_skipped(batch):
+            return None
+        logits, visual, attn_loss = self.answer_logits(batch, self._dropout_selection, with_visual=True)
+        target = self._targets(batch)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
+        if attn_loss is not None:
+            self.log("train/attn", attn_loss, batch_size=batch.size)
+            loss = loss + self.hparams.attn_weight * attn_loss
+        if self.aux_head is not None:
+            aux = self.aux_loss(batch, visual)
+            self.log("train/aux", aux, batch_size=batch.size)
+            loss = loss + self.hparams.aux_weight * aux
+        acc = (logits[:, self.letters].argmax(-1) == torch.tensor([LETTERS.index(a) for a in batch.answers], device=self.device)).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.size)
+        self.log("train/acc", acc, prog_bar=True, batch_size=batch.size)
+        self._report(float(loss), float(acc))
+        return loss
+
+    def _report(self, loss: float, acc: float, every: int = 50) -> None:
+        """A plain progress line every ``every`` steps (readable in a redirected log)."""
+        sums = self.__dict__.setdefault("_running", [0.0, 0.0, 0])
+        sums[0] += loss
+        sums[1] += acc
+        sums[2] += 1
+        step = self.global_step + 1
+        if step % every == 0 and self.trainer is not None and self.trainer.is_global_zero:
+            elapsed = time.perf_counter() - self._fit_started if self._fit_started else 0.0
+            print(f"[teacher] step {step} loss {sums[0] / sums[2]:.4f} acc {sums[1] / sums[2]:.3f} elapsed {elapsed / 60:.1f} min", flush=True)
+            sums[:] = [0.0, 0.0, 0]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_correct = self._val_total = 0
+
+    def validation_step(self, batch: VideoBatch, batch_idx: int):
+        if batch.size == 0:
+            return None
+        with torch.no_grad():
+            logits = self.answer_logits(batch)
+        loss = F.cross_entropy(logits.float(), self._targets(batch))
+        pred = logits[:, self.letters].argmax(-1)
+        truth = torch.tensor([LETTERS.index(a) for a in batch.answers], device=self.device)
+        self._val_correct += int((pred == truth).sum())
+        self._val_total += batch.size
+        self.log("val/loss", loss, batch_size=batch.size, sync_dist=True)
+        self.log("val/acc", (pred == truth).float().mean(), prog_bar=True, batch_size=batch.size, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_total and self.trainer is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            print(f"[teacher] step {self.global_step} val acc {self._val_correct / self._val_total:.4f} ({self._val_total} samples)", flush=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=(0.9, 0.98))
+        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0 else 10000
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            frac = min(1.0, max((step - hp.warmup_steps) / max(1, total - hp.warmup_steps), self._time_fraction()))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _time_fraction(self) -> float:
+        """Share of ``time_budget_min`` spent since the end of warm-up (0 without a budget)."""
+        budget = self.hparams.time_budget_min
+        start = self.__dict__.get("_warm_at")
+        if not budget or start is None:
+            return 0.0
+        return (time.perf_counter() - start) / (60 * budget - (start - self._fit_started))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step == self.hparams.warmup_steps and "_warm_at" not in self.__dict__:
+            self._warm_at = time.perf_counter()
+        budget = self.hparams.time_budget_min
+        if budget and self._fit_started and time.perf_counter() - self._fit_started >= 60 * budget:
+            self.trainer.should_stop = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokensieve"] = {"teacher": True, "arch": dict(self.hparams.arch or {})}
+
+    def on_fit_end(self) -> None:
+        hp = self.hparams
+        if not hp.export_dir or self.trainer is None or not self.trainer.is_global_zero:
+            return
+        out = save_teacher(self.model, self.backbone.tokenizer, hp.export_dir)
+        params = sum(p.numel() for p in self.model.parameters())
+        card = {
+            "what": "reference teacher of the tokensieve refbench (Qwen2.5-VL architecture, trained from scratch)",
+            "hyper_parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(hp).items()},
+            "parameters": params,
+            "global_step": int(self.trainer.global_step),
+            "train_seconds": round(time.perf_counter() - self._fit_started, 1) if self._fit_started else None,
+            "val_acc": self._val_correct / self._val_total if self._val_total else None,
+            "val_samples": self._val_total,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+        config = getattr(self.trainer, "_tokensieve_config", None)
+        if config is not None:
+            card["config"] = config
+        (out / "teacher_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
