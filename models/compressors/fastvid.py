@@ -57,10 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from tokensieve.models.budget import Budget, num_keep
-from tokensieve.models.compressors.base import Compressor, pack_merged
 from tokensieve.models.compressors.dpc_knn import dpc_knn
-from tokensieve.models.compressors.frames import frame_sizes, require_saliency, split_count, top_indices
-from tokensieve.models.types import Query, Selection, VisualTokens
+from tokensieve.models.compressors.frames import SaliencyMerge, frame_sizes, split_count, top_indices
+from tokensieve.models.types import VisualTokens
 
 
 def dyseg(frame_features: torch.Tensor, c: int = 8, tau: float = 0.9) -> list[int]:
@@ -87,7 +86,7 @@ def anchor_frames(length: int, p: int) -> list[int]:
     return [j for j in range(length) if (length - 1 - j) % p == 0]
 
 
-class FastVID(Compressor):
+class FastVID(SaliencyMerge):
     """FastVID (DySeg + STPrune with density-based token merging), exact budget.
 
     Args:
@@ -121,15 +120,6 @@ class FastVID(Compressor):
         if not 0.0 <= d <= 1.0 or not 0.0 <= beta <= 1.0:
             raise ValueError(f"d and beta must be in [0, 1], got d={d}, beta={beta}")
         self.c, self.tau, self.d, self.p, self.beta, self.k = c, tau, d, p, beta, k
-
-    def forward(self, visual: VisualTokens, query: Query | None = None, budget: Budget = 0.25) -> Selection:
-        saliency = require_saliency(visual, self.name)
-        indices, tokens = [], []
-        for b in range(visual.batch_size):
-            idx, tok = self._compress(visual, saliency[b], b, budget)
-            indices.append(idx)
-            tokens.append(tok)
-        return pack_merged(indices, tokens, visual.tokens)
 
     def _compress(self, visual: VisualTokens, saliency: torch.Tensor, b: int, budget: Budget):
         sizes = frame_sizes(visual, b)

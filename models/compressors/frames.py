@@ -7,7 +7,35 @@ from __future__ import annotations
 
 import torch
 
-from tokensieve.models.types import VisualTokens
+from tokensieve.models.budget import Budget
+from tokensieve.models.compressors.base import Compressor, pack_merged
+from tokensieve.models.types import Query, Selection, VisualTokens
+
+
+class SaliencyMerge(Compressor):
+    """Base of the saliency-guided merging methods (VisionZip, FastVID, HoliTom): one sample at a time.
+
+    Subclasses implement ``_compress(visual, saliency [M], b, budget) -> (index long [K_b],
+    tokens [K_b, D])`` for sample ``b``; :meth:`forward` packs the samples into a merged
+    :class:`Selection`.
+
+    Raises:
+        ValueError: ``visual.saliency`` is missing or mis-shaped.
+    """
+
+    needs_saliency = True
+
+    def forward(self, visual: VisualTokens, query: Query | None = None, budget: Budget = 0.25) -> Selection:
+        saliency = require_saliency(visual, self.name)
+        indices, tokens = [], []
+        for b in range(visual.batch_size):
+            idx, tok = self._compress(visual, saliency[b], b, budget)
+            indices.append(idx)
+            tokens.append(tok)
+        return pack_merged(indices, tokens, visual.tokens)
+
+    def _compress(self, visual: VisualTokens, saliency: torch.Tensor, b: int, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
 def frame_sizes(visual: VisualTokens, b: int) -> list[int]:
     """Token counts of sample ``b``'s frame groups, in order.

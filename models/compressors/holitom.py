@@ -59,10 +59,9 @@ import torch
 import torch.nn.functional as F
 
 from tokensieve.models.budget import Budget, num_keep
-from tokensieve.models.compressors.base import Compressor, pack_merged
 from tokensieve.models.compressors.dpc_knn import dpc_knn
-from tokensieve.models.compressors.frames import frame_sizes, require_saliency, split_count, top_indices
-from tokensieve.models.types import Query, Selection, VisualTokens
+from tokensieve.models.compressors.frames import SaliencyMerge, frame_sizes, split_count, top_indices
+from tokensieve.models.types import VisualTokens
 
 
 def static_windows(static: torch.Tensor, max_window: int = 1024) -> list[tuple[int, int]]:
@@ -102,7 +101,7 @@ def static_windows(static: torch.Tensor, max_window: int = 1024) -> list[tuple[i
     return windows[::-1]
 
 
-class HoliTom(Compressor):
+class HoliTom(SaliencyMerge):
     """HoliTom outer-LLM stage (static merge + DPC-KNN clusters + attention top-k), exact budget.
 
     Args:
@@ -140,15 +139,6 @@ class HoliTom(Compressor):
         if self.tau is not None:
             return self.tau
         return 0.65 if k_total * 10 <= n else 0.80
-
-    def forward(self, visual: VisualTokens, query: Query | None = None, budget: Budget = 0.25) -> Selection:
-        saliency = require_saliency(visual, self.name)
-        indices, tokens = [], []
-        for b in range(visual.batch_size):
-            idx, tok = self._compress(visual, saliency[b], b, budget)
-            indices.append(idx)
-            tokens.append(tok)
-        return pack_merged(indices, tokens, visual.tokens)
 
     def _compress(self, visual: VisualTokens, saliency: torch.Tensor, b: int, budget: Budget):
         sizes = frame_sizes(visual, b)

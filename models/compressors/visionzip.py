@@ -47,12 +47,11 @@ import torch
 import torch.nn.functional as F
 
 from tokensieve.models.budget import Budget, num_keep
-from tokensieve.models.compressors.base import Compressor, pack_merged
-from tokensieve.models.compressors.frames import frame_sizes, require_saliency, split_count, top_indices
-from tokensieve.models.types import Query, Selection, VisualTokens
+from tokensieve.models.compressors.frames import SaliencyMerge, frame_sizes, split_count, top_indices
+from tokensieve.models.types import VisualTokens
 
 
-class VisionZip(Compressor):
+class VisionZip(SaliencyMerge):
     """VisionZip per frame group: top-saliency dominant tokens + merged contextual tokens.
 
     Args:
@@ -91,15 +90,6 @@ class VisionZip(Compressor):
         """Contextual tokens of a frame keeping ``k``: ``round_half_up(k * c / (d + c))``."""
         total = self.dominant + self.contextual
         return (2 * k * self.contextual + total) // (2 * total)
-
-    def forward(self, visual: VisualTokens, query: Query | None = None, budget: Budget = 0.25) -> Selection:
-        saliency = require_saliency(visual, self.name)
-        indices, tokens = [], []
-        for b in range(visual.batch_size):
-            idx, tok = self._compress(visual, saliency[b], b, budget)
-            indices.append(idx)
-            tokens.append(tok)
-        return pack_merged(indices, tokens, visual.tokens)
 
     def _compress(self, visual: VisualTokens, saliency: torch.Tensor, b: int, budget: Budget):
         sizes = frame_sizes(visual, b)

@@ -27,3 +27,17 @@ def test_select_topk_ties_break_to_lower_index_and_pad_with_valid_mask():
 def test_selection_from_indices_sorts():
     sel = selection_from_indices([torch.tensor([4, 0, 2])])
     assert sel.index.tolist() == [[0, 2, 4]] and sel.valid is None
+
+
+def test_random_draws_differ_across_clips_at_the_same_batch_slot():
+    from tokensieve.models.compressors import RandomSelect
+    from tokensieve.models.types import VisualTokens
+
+    def visual(seed):
+        tokens = torch.randn(1, 40, 8, generator=torch.Generator().manual_seed(seed))
+        return VisualTokens(tokens, torch.ones(1, 40, dtype=torch.bool), torch.arange(40)[None], torch.zeros(1, 40, dtype=torch.long), (1, 5, 8))
+
+    rnd = RandomSelect(seed=0)
+    assert rnd(visual(1), budget=0.25).index.tolist() != rnd(visual(2), budget=0.25).index.tolist()
+    assert rnd(visual(1), budget=0.25).index.tolist() == rnd(visual(1), budget=0.25).index.tolist()
+    assert RandomSelect(seed=1)(visual(1), budget=0.25).index.tolist() != rnd(visual(1), budget=0.25).index.tolist()
