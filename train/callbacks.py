@@ -125,6 +125,9 @@ class SlurmRequeue(Callback):
         if not job:
             say("not a SLURM job: nothing to requeue")
             return
+        # say it first: once `scontrol requeue` succeeds SLURM starts killing this job, so a
+        # line printed afterwards may never reach the log
+        say(f"requeueing SLURM job {job}")
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
         if result.returncode == 0:
             say(f"requeued SLURM job {job}")
