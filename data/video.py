@@ -745,6 +745,7 @@ def write_clip(
     *,
     crf: int = 23,
     preset: str = "veryfast",
+    threads: int | None = None,
 ) -> bytes:
     """Encode RGB frames as an in-memory H.264 mp4 (yuv420p, libx264 through PyAV).
 
@@ -754,6 +755,9 @@ def write_clip(
             nearest fraction with denominator <= 1001, e.g. 30000/1001).
         crf: x264 constant rate factor (lower = better quality, larger file).
         preset: x264 speed preset.
+        threads: x264 encoder threads (None: x264's choice, from the core count). x264's output
+            depends on its thread count, so pass a number (e.g. 1) for byte-identical files on
+            every machine.
 
     Returns:
         The bytes of the mp4 file.
@@ -774,7 +778,7 @@ def write_clip(
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset}
+        stream.options = {"crf": str(crf), "preset": preset, **({"threads": str(threads)} if threads else {})}
         for image in array:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             container.mux(stream.encode(frame))

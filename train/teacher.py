@@ -174,22 +174,24 @@ def token_labels(meta: dict, grid: tuple[int, int, int], frames: int = 16, heigh
     """``long [M, 2]``: per visual token, (colour, shape) class of the object drawn last in its
     cells — 0 for none, else 1 + index in :data:`AUX_COLORS` / :data:`AUX_SHAPES` — from the
     ``objects`` of a refbench json (boxes at every visible frame)."""
+    import numpy as np
+
     t_n, h, w = grid
     frames, height, width = meta.get("num_frames", frames), meta.get("height", height), meta.get("width", width)
     cell_y, cell_x, tp = height // h, width // w, max(1, frames // t_n)
-    out = torch.zeros(t_n * h * w, 2, dtype=torch.long)
+    out = np.zeros((t_n, h, w, 2), dtype=np.int64)
     for o in meta.get("objects", []):
+        shape = 1 + AUX_SHAPES.index(o["shape"])
         for t in range(o["start"], o["end"]):
             dt = t - o["start"]
             x0 = int(round(o["x"] + o["vx"] * dt))
             y0 = int(round(o["y"] + o["vy"] * dt))
             x1, y1 = x0 + o["size"], y0 + o["size"]
             color = o["new_color"] if o.get("change_at") is not None and t >= o["change_at"] else o["color"]
-            g = t // tp
-            for ty in range(max(0, y0) // cell_y, min(height - 1, y1 - 1) // cell_y + 1):
-                for tx in range(max(0, x0) // cell_x, min(width - 1, x1 - 1) // cell_x + 1):
-                    out[g * h * w + ty * w + tx] = torch.tensor([1 + AUX_COLORS.index(color), 1 + AUX_SHAPES.index(o["shape"])])
-    return out
+            ty0, ty1 = max(0, y0) // cell_y, min(height - 1, y1 - 1) // cell_y + 1
+            tx0, tx1 = max(0, x0) // cell_x, min(width - 1, x1 - 1) // cell_x + 1
+            out[t // tp, ty0:ty1, tx0:tx1] = (1 + AUX_COLORS.index(color), shape)
+    return torch.from_numpy(out.reshape(t_n * h * w, 2))
 
 
 class RefBenchTeacher(CompressorModule):
@@ -224,12 +226,13 @@ class RefBenchTeacher(CompressorModule):
             progress is ``max(step / max_steps, elapsed / budget)``, so the learning rate is
             fully annealed when either runs out, and training stops at the budget — on a
             busy shared CPU the recipe ends on time with fewer steps instead of overrunning.
+            The elapsed training time is stored in every checkpoint and restored on resume
+            (``--ckpt_path``), so a run split over several jobs follows the same schedule.
     """
 
     def __init__(self, arch: dict | None = None, init_seed: int = 0, init_from: str | None = None, export_dir: str | None = None, lr: float = 2e-3, weight_decay: float = 0.01, warmup_steps: int = 200, min_lr_ratio: float = 0.02, drop_prob: float = 0.5, drop_range: tuple[float, float] = (0.05, 0.5), evidence_prob: float = 0.75, label_smoothing: float = 0.0, aux_weight: float = 0.0, time_budget_min: float | None = None, attn_weight: float = 0.0, attn_layer: int = 1):
-        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        pl.LightningModule.__init__(self)  # not CompressorModule.__init__: there is no frozen backbone here
-        self.save_hyperparameters(init_args)
+        super(CompressorModule, self).__init__()  # skips CompressorModule.__init__: there is no frozen backbone here
+        self.save_hyperparameters()  # under LightningCLI also records the class path, so `--ckpt_path` resumes
         from collections import Counter
 
         if init_from is None:
@@ -247,7 +250,8 @@ class RefBenchTeacher(CompressorModule):
         hidden = backbone.model.config.text_config.hidden_size
         self.aux_head = torch.nn.Linear(hidden, len(AUX_COLORS) + len(AUX_SHAPES) + 2) if aux_weight > 0 else None
         self.skipped: Counter = Counter()
-        self._fit_started = None
+        self._fit_started = None  # perf_counter() at which the elapsed training time was 0
+        self._resumed_elapsed = 0.0  # training seconds of earlier jobs (from the checkpoint)
         self._val_correct = self._val_total = 0
 
     # ------------------------------------------------------------------ helpers
@@ -340,8 +344,12 @@ class RefBenchTeacher(CompressorModule):
         return F.cross_entropy(out[..., :nc].reshape(-1, nc), labels[..., 0].reshape(-1)) + F.cross_entropy(out[..., nc:].reshape(-1, out.shape[-1] - nc), labels[..., 1].reshape(-1))
 
     # ------------------------------------------------------------------ loops
+    def elapsed_seconds(self) -> float:
+        """Training wall time so far, earlier jobs of a resumed run included (seconds)."""
+        return time.perf_counter() - self._fit_started if self._fit_started is not None else self._resumed_elapsed
+
     def on_fit_start(self) -> None:
-        self._fit_started = time.perf_counter()
+        self._fit_started = time.perf_counter() - self._resumed_elapsed
         self.model.train()  # the backbone loader left it in eval mode (no dropout either way)
 
     def on_validation_start(self) -> None:
@@ -377,7 +385,7 @@ class RefBenchTeacher(CompressorModule):
         sums[2] += 1
         step = self.global_step + 1
         if step % every == 0 and self.trainer is not None and self.trainer.is_global_zero:
-            elapsed = time.perf_counter() - self._fit_started if self._fit_started else 0.0
+            elapsed = self.elapsed_seconds()
             print(f"[teacher] step {step} loss {sums[0] / sums[2]:.4f} acc {sums[1] / sums[2]:.3f} elapsed {elapsed / 60:.1f} min", flush=True)
             sums[:] = [0.0, 0.0, 0]
 
@@ -421,20 +429,26 @@ class RefBenchTeacher(CompressorModule):
     def _time_fraction(self) -> float:
         """Share of ``time_budget_min`` spent since the end of warm-up (0 without a budget)."""
         budget = self.hparams.time_budget_min
-        start = self.__dict__.get("_warm_at")
-        if not budget or start is None:
+        warm = self.__dict__.get("_warm_at")  # elapsed seconds at the end of warm-up
+        if not budget or warm is None:
             return 0.0
-        return (time.perf_counter() - start) / (60 * budget - (start - self._fit_started))
+        return (self.elapsed_seconds() - warm) / max(1e-9, 60 * budget - warm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.global_step == self.hparams.warmup_steps and "_warm_at" not in self.__dict__:
-            self._warm_at = time.perf_counter()
+        if self.global_step >= self.hparams.warmup_steps and "_warm_at" not in self.__dict__:
+            self._warm_at = self.elapsed_seconds()
         budget = self.hparams.time_budget_min
-        if budget and self._fit_started and time.perf_counter() - self._fit_started >= 60 * budget:
+        if budget and self._fit_started is not None and self.elapsed_seconds() >= 60 * budget:
             self.trainer.should_stop = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tokensieve"] = {"teacher": True, "arch": dict(self.hparams.arch or {})}
+        checkpoint["tokensieve"] = {"teacher": True, "arch": dict(self.hparams.arch or {}), "elapsed_s": self.elapsed_seconds(), "warm_at_s": self.__dict__.get("_warm_at")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        record = checkpoint.get("tokensieve") or {}
+        self._resumed_elapsed = float(record.get("elapsed_s") or 0.0)
+        if record.get("warm_at_s") is not None:
+            self._warm_at = float(record["warm_at_s"])
 
     def on_fit_end(self) -> None:
         hp = self.hparams
@@ -447,7 +461,8 @@ class RefBenchTeacher(CompressorModule):
             "hyper_parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(hp).items()},
             "parameters": params,
             "global_step": int(self.trainer.global_step),
-            "train_seconds": round(time.perf_counter() - self._fit_started, 1) if self._fit_started else None,
+            "train_seconds": round(self.elapsed_seconds(), 1) if self._fit_started is not None else None,
+            "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
             "val_acc": self._val_correct / self._val_total if self._val_total else None,
             "val_samples": self._val_total,
             "torch": torch.__version__,

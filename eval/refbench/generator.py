@@ -110,43 +110,73 @@ def make_sample(seed: int, split: str, index: int, config: RefBenchConfig | None
     return frames, record
 
 
-def write_split(out_dir: str | Path, split: str, count: int, seed: int = 0, config: RefBenchConfig | None = None, maxcount: int = 1000, progress: bool = True) -> dict:
+def _write_shard(folder: str, split: str, shard: int, lo: int, hi: int, seed: int, cfg: RefBenchConfig) -> tuple[str, int, dict[str, int]]:
+    """Write samples ``lo..hi-1`` of ``split`` to ``folder/refbench-{shard:06d}.tar``; returns (name, count, qtype counts)."""
+    import webdataset as wds
+
+    from tokensieve.data.video import write_clip
+
+    name = f"refbench-{shard:06d}.tar"
+    qtypes: dict[str, int] = {}
+    with wds.TarWriter(str(Path(folder) / name)) as writer:
+        for i in range(lo, hi):
+            frames, record = make_sample(seed, split, i, cfg)
+            qtypes[record["qtype"]] = qtypes.get(record["qtype"], 0) + 1
+            writer.write({"__key__": f"{split}_{i:06d}", "mp4": write_clip(frames, cfg.fps, crf=cfg.crf, threads=1), "json": json.dumps(record).encode("utf-8")})
+    return name, hi - lo, qtypes
+
+
+def write_split(out_dir: str | Path, split: str, count: int, seed: int = 0, config: RefBenchConfig | None = None, maxcount: int = 1000, progress: bool = True, workers: int = 1) -> dict:
     """Write ``count`` samples of ``split`` to ``out_dir/split/refbench-%06d.tar`` (+ ``sizes.json``).
+
+    Shard ``k`` holds samples ``k * maxcount`` … ``(k + 1) * maxcount - 1``. Every sample is a
+    pure function of ``(seed, split, index)``, so ``workers > 1`` writes shards in parallel
+    processes and produces the same files as one worker.
 
     Returns ``{"dir", "samples", "shards": {name: count}, "qtypes": {type: count}}``.
     """
-    import webdataset as wds
-    from tqdm.auto import tqdm
+    from concurrent.futures import ProcessPoolExecutor
 
-    from tokensieve.data.video import write_clip
+    from tqdm.auto import tqdm
 
     cfg = config or RefBenchConfig()
     folder = Path(out_dir) / split
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("refbench-*.tar"):
         old.unlink()
+    jobs = [(str(folder), split, k, lo, min(lo + maxcount, count), seed, cfg) for k, lo in enumerate(range(0, count, maxcount))]
+    bar = tqdm(total=count, desc=f"refbench {split}", disable=not progress)
     sizes: dict[str, int] = {}
     qtypes: dict[str, int] = {}
-    writer = wds.ShardWriter(str(folder / "refbench-%06d.tar"), maxcount=maxcount, verbose=0)
-    writer.post = lambda fname: sizes.__setitem__(Path(fname).name, writer.count)
+
+    def collect(result) -> None:
+        name, n, counts = result
+        sizes[name] = n
+        for q, c in counts.items():
+            qtypes[q] = qtypes.get(q, 0) + c
+        bar.update(n)
+
     try:
-        for i in tqdm(range(count), desc=f"refbench {split}", disable=not progress):
-            frames, record = make_sample(seed, split, i, cfg)
-            qtypes[record["qtype"]] = qtypes.get(record["qtype"], 0) + 1
-            key = f"{split}_{i:06d}"
-            writer.write({"__key__": key, "mp4": write_clip(frames, cfg.fps, crf=cfg.crf), "json": json.dumps(record).encode("utf-8")})
+        if workers <= 1 or len(jobs) == 1:
+            for job in jobs:
+                collect(_write_shard(*job))
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+                for result in pool.map(_write_shard, *zip(*jobs)):
+                    collect(result)
     finally:
-        writer.close()
+        bar.close()
     (folder / "sizes.json").write_text(json.dumps(dict(sorted(sizes.items())), indent=2) + "\n")
-    return {"dir": str(folder), "samples": count, "shards": dict(sorted(sizes.items())), "qtypes": qtypes}
+    return {"dir": str(folder), "samples": count, "shards": dict(sorted(sizes.items())), "qtypes": dict(sorted(qtypes.items()))}
 
 
-def generate(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | None = None, config: RefBenchConfig | None = None, progress: bool = True) -> dict:
-    """Write every split (``sizes``: split → samples, default :data:`DEFAULT_SIZES`) and ``summary.json``."""
+def generate(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | None = None, config: RefBenchConfig | None = None, progress: bool = True, workers: int = 1) -> dict:
+    """Write every split (``sizes``: split → samples, default :data:`DEFAULT_SIZES`) and ``summary.json``;
+    ``workers`` processes write shards in parallel (same files as one)."""
     cfg = config or RefBenchConfig()
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     out = Path(out_dir)
-    summary = {"seed": seed, "config": asdict(cfg), "splits": {s: write_split(out, s, n, seed, cfg, progress=progress) for s, n in sizes.items() if n > 0}}
+    summary = {"seed": seed, "config": asdict(cfg), "splits": {s: write_split(out, s, n, seed, cfg, progress=progress, workers=workers) for s, n in sizes.items() if n > 0}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -157,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tokensieve.eval.refbench", description="write the reference benchmark's shards")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (same files as 1)")
     for split, n in DEFAULT_SIZES.items():
         p.add_argument(f"--{split}", type=int, default=n, help=f"{split} samples (default {n})")
     args = p.parse_args(argv)
-    summary = generate(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_SIZES})
+    summary = generate(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_SIZES}, workers=args.workers)
     print(json.dumps({s: v["samples"] for s, v in summary["splits"].items()}), "→", args.out)
     return 0

@@ -1,0 +1,81 @@
+"""The refbench reference teacher: every weight trains, the time-budget schedule survives a resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytorch_lightning as pl
+import torch
+
+from tests.eval.test_harness import refbench_batches
+from tokensieve.train.teacher import RefBenchTeacher, token_labels
+
+SMALL = {"vision_hidden": 32, "vision_depth": 1, "vision_heads": 2, "text_hidden": 64, "text_layers": 2, "text_heads": 2, "kv_heads": 1, "mlp_ratio": 2}
+
+
+def _teacher(**kw) -> RefBenchTeacher:
+    torch.manual_seed(0)
+    return RefBenchTeacher(arch=SMALL, init_seed=0, lr=3e-3, warmup_steps=1, drop_prob=0.0, aux_weight=0.5, attn_weight=1.0, **kw)
+
+
+def test_training_steps_lower_the_loss_and_move_every_weight():
+    teacher = _teacher()
+    batch = refbench_batches(4, 4)[0]
+    before = {n: p.detach().clone() for n, p in teacher.model.named_parameters()}
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    teacher.model.train()
+    losses = []
+    for _ in range(8):
+        logits, visual, attn = teacher.answer_logits(batch, with_visual=True)
+        loss = torch.nn.functional.cross_entropy(logits, teacher._targets(batch)) + attn + 0.5 * teacher.aux_loss(batch, visual)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    frozen = [n for n, p in teacher.model.named_parameters() if torch.equal(p, before[n]) and "embed_tokens" not in n]
+    assert not frozen, frozen  # unlike the compressors, the teacher trains the whole VLM (vision tower included)
+
+
+def test_token_labels_mark_the_object_cells():
+    batch = refbench_batches(1, 1)[0]
+    labels = token_labels(batch.meta[0], (8, 4, 4))
+    assert labels.shape == (128, 2)
+    marked = set(labels[:, 0].nonzero().squeeze(1).tolist())
+    assert set(batch.meta[0]["evidence_tokens"]) <= marked  # evidence = cells of the target object
+
+
+def test_elapsed_time_and_warmup_survive_a_checkpoint_round_trip():
+    teacher = _teacher(time_budget_min=10.0)
+    teacher._resumed_elapsed = 0.0
+    teacher.on_fit_start()
+    teacher._fit_started -= 120.0  # pretend 2 min of training
+    teacher._warm_at = 30.0
+    ckpt: dict = {}
+    teacher.on_save_checkpoint(ckpt)
+    assert 119.0 < ckpt["tokensieve"]["elapsed_s"] < 130.0 and ckpt["tokensieve"]["warm_at_s"] == 30.0
+
+    resumed = _teacher(time_budget_min=10.0)
+    resumed.on_load_checkpoint(ckpt)
+    resumed.on_fit_start()
+    assert resumed.elapsed_seconds() >= ckpt["tokensieve"]["elapsed_s"]
+    assert abs(resumed._time_fraction() - (ckpt["tokensieve"]["elapsed_s"] - 30.0) / (600 - 30.0)) < 0.01
+
+
+def test_fit_exports_a_loadable_teacher_with_its_card(tmp_path):
+    from tokensieve.eval.refbench.generator import write_split
+    from tokensieve.models.backbones import load
+    from tokensieve.train.datamodule import VideoDataModule
+
+    write_split(tmp_path / "shards", "train", 4, progress=False)
+    write_split(tmp_path / "shards", "val", 2, progress=False)
+    data = VideoDataModule(train_shards=str(tmp_path / "shards" / "train"), val_shards=str(tmp_path / "shards" / "val"), num_frames=16, size=(112, 112), batch_size=2, num_workers=0, train_policy="uniform")
+    teacher = _teacher(export_dir=str(tmp_path / "export"))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(teacher, datamodule=data)
+    card = json.loads((tmp_path / "export" / "teacher_card.json").read_text())
+    assert card["global_step"] == 2 and card["device"] == "cpu" and card["train_seconds"] > 0
+    assert card["hyper_parameters"]["arch"] == SMALL and card["hyper_parameters"]["attn_weight"] == 1.0
+    reloaded = load(tmp_path / "export")
+    for name, p in teacher.model.state_dict().items():
+        assert torch.equal(reloaded.model.state_dict()[name], p.cpu()), name
