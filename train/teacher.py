@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -183,7 +182,8 @@ def token_labels(meta: dict, grid: tuple[int, int, int], frames: int = 16, heigh
     for o in meta.get("objects", []):
         shape = 1 + AUX_SHAPES.index(o["shape"])
         for t in range(o["start"], o["end"]):
-            dt = t - o["start"]
+            hop = o.get("hop", 1)
+            dt = (t - o["start"]) // hop * hop
             x0 = int(round(o["x"] + o["vx"] * dt))
             y0 = int(round(o["y"] + o["vy"] * dt))
             x1, y1 = x0 + o["size"], y0 + o["size"]
@@ -374,7 +374,7 @@ class RefBenchTeacher(CompressorModule):
         acc = (logits[:, self.letters].argmax(-1) == torch.tensor([LETTERS.index(a) for a in batch.answers], device=self.device)).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.size)
         self.log("train/acc", acc, prog_bar=True, batch_size=batch.size)
-        self._report(float(loss), float(acc))
+        self._report(float(loss.detach()), float(acc))
         return loss
 
     def _report(self, loss: float, acc: float, every: int = 50) -> None:

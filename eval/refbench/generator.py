@@ -43,6 +43,9 @@ class RefBenchConfig:
         clutter: background blobs and bars per clip.
         pan: maximum background pan, pixels per frame.
         crf: x264 quality of the stored mp4 (low = faithful colours on small objects).
+        aligned: objects sit inside one merged-token cell and move whole cells per temporal
+            group (see :mod:`~tokensieve.eval.refbench.questions`); False places them freely
+            (14–20 px, straddling cells), which a from-scratch teacher fails to learn shapes from.
     """
 
     frames: int = 16
@@ -54,6 +57,7 @@ class RefBenchConfig:
     clutter: int = 14
     pan: float = 1.5
     crf: int = 14
+    aligned: bool = True
 
     @property
     def grid(self) -> TokenGrid:
@@ -71,7 +75,7 @@ def make_sample(seed: int, split: str, index: int, config: RefBenchConfig | None
     qtype = cfg.types[index % len(cfg.types)]
     builder = QUESTION_TYPES[qtype]
     answer = int(rng.integers(0, len(LETTERS)))
-    geo = Geometry(cfg.frames, cfg.height, cfg.width)
+    geo = Geometry(cfg.frames, cfg.height, cfg.width, aligned=cfg.aligned) if cfg.aligned else Geometry(cfg.frames, cfg.height, cfg.width, min_size=16, max_size=20, aligned=False)
     grid = cfg.grid
     for _ in range(200):
         try:

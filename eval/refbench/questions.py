@@ -12,7 +12,13 @@ sees to a letter instead of having to read and match option strings; which objec
 question is about, and when it is visible, varies per sample.
 
 Events are aligned to temporal-patch boundaries (even frames), so an object visible in a
-temporal group is visible in both of its frames.
+temporal group is visible in both of its frames. With ``Geometry.aligned`` (the default)
+objects are also aligned to the backbone's merged-token grid: each sits inside one 28×28
+cell (2×2 patches of 14 px), so an object in one temporal group is exactly **one visual
+token**, and moving objects hop one cell per temporal group. Measured reason: with free
+placement (objects straddling patch borders at arbitrary offsets) a from-scratch
+Qwen2.5-VL vision tower of the teacher's size stayed at chance on shape after 12k clips,
+while grid-aligned objects reach 58% after 1.6k clips (linear probe on the merger output).
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ class Geometry:
     height: int = 112
     width: int = 112
     temporal: int = 2
-    min_size: int = 16
-    max_size: int = 20
+    min_size: int = 22
+    max_size: int = 26
+    aligned: bool = True  # objects inside one token cell, motion in whole cells per temporal group
+    cell: int = 28  # merged-token cell, pixels (patch 14 × merge 2)
 
     @property
     def groups(self) -> int:
@@ -83,8 +91,13 @@ def _clashes(obj: SceneObject, others: list[SceneObject]) -> bool:
 
 
 def _place(rng: np.random.Generator, geo: Geometry, others: list[SceneObject], tries: int = 60, speed: tuple[float, float] = (0.0, 0.0), direction: str | None = None, **kw) -> SceneObject:
-    """An object at a random position (and velocity) that stays in frame and overlaps nothing."""
+    """An object at a random position (and velocity) that stays in frame and overlaps nothing.
+
+    With ``geo.aligned`` the object is centred in a random token cell; it is static unless a
+    ``direction`` is given, then it hops one cell per temporal group that way."""
     size = kw.pop("size", None)
+    if geo.aligned:
+        return _place_aligned(rng, geo, others, tries, direction, size, **kw)
     for _ in range(tries):
         s = int(size or rng.integers(geo.min_size, geo.max_size + 1))
         v = rng.uniform(*speed)
@@ -95,6 +108,21 @@ def _place(rng: np.random.Generator, geo: Geometry, others: list[SceneObject], t
             vx, vy = {"left": (-v, 0.0), "right": (v, 0.0), "up": (0.0, -v), "down": (0.0, v)}[direction]
             vx, vy = vx + rng.uniform(-0.4, 0.4), vy + rng.uniform(-0.4, 0.4)
         obj = SceneObject(x=float(rng.uniform(0, geo.width - s)), y=float(rng.uniform(0, geo.height - s)), vx=vx, vy=vy, size=s, **kw)
+        if _fits(obj, geo) and not _clashes(obj, others):
+            return obj
+    raise Retry("no room")
+
+
+def _place_aligned(rng: np.random.Generator, geo: Geometry, others: list[SceneObject], tries: int, direction: str | None, size, **kw) -> SceneObject:
+    cols, rows = geo.width // geo.cell, geo.height // geo.cell
+    for _ in range(tries):
+        s = int(size or rng.integers(geo.min_size, geo.max_size + 1))
+        s = min(s, geo.cell - 2)
+        off = (geo.cell - s) // 2
+        cx, cy = int(rng.integers(cols)), int(rng.integers(rows))
+        step = geo.cell / geo.temporal  # pixels per frame: one cell per temporal group
+        vx, vy = {None: (0.0, 0.0), "left": (-step, 0.0), "right": (step, 0.0), "up": (0.0, -step), "down": (0.0, step)}[direction]
+        obj = SceneObject(x=float(cx * geo.cell + off), y=float(cy * geo.cell + off), vx=vx, vy=vy, size=s, hop=geo.temporal, **kw)
         if _fits(obj, geo) and not _clashes(obj, others):
             return obj
     raise Retry("no room")
@@ -153,7 +181,8 @@ def q_shape(rng, geo: Geometry, answer: int) -> Built:
 
 
 def q_direction(rng, geo: Geometry, answer: int) -> Built:
-    """Direction of motion of the one object of a given colour; evidence: its first and last temporal group."""
+    """Direction of motion of the one object of a given colour over 3–4 temporal groups (aligned
+    geometry: 2–3 token cells; free placement: 36–52 px); evidence: its first and last temporal group."""
     color = str(rng.choice(COLOR_NAMES))
     groups = int(rng.integers(3, 5))
     start, end = _brief_window(rng, geo, groups)

@@ -35,6 +35,8 @@ class SceneObject:
         x, y: top-left corner at frame ``start`` (pixels, float).
         vx, vy: pixels per frame.
         size: side of the bounding square, pixels.
+        hop: the position is updated every ``hop`` frames (at ``start``, ``start + hop``, …):
+            ``hop = 2`` with ``vx = 14`` moves one 28-pixel token cell per temporal group.
         change_at, new_color: from frame ``change_at`` on the object is ``new_color``.
     """
 
@@ -50,6 +52,7 @@ class SceneObject:
     change_at: int | None = None
     new_color: str | None = None
     role: str = "distractor"
+    hop: int = 1
 
     def visible(self, t: int) -> bool:
         return self.start <= t < self.end
@@ -59,8 +62,9 @@ class SceneObject:
 
     def box(self, t: int) -> list[int]:
         """Integer bounding box ``[x0, y0, x1, y1)`` at frame ``t``."""
-        x = int(round(self.x + self.vx * (t - self.start)))
-        y = int(round(self.y + self.vy * (t - self.start)))
+        dt = (t - self.start) // self.hop * self.hop
+        x = int(round(self.x + self.vx * dt))
+        y = int(round(self.y + self.vy * dt))
         return [x, y, x + self.size, y + self.size]
 
 

@@ -96,8 +96,9 @@ def test_mp4_round_trip_keeps_object_colours():
         decoded = decoded.numpy().astype(int)
         for o in r["objects"]:
             for t in range(o["start"], o["end"]):
-                x = int(round(o["x"] + o["vx"] * (t - o["start"]))) + o["size"] // 2
-                y = int(round(o["y"] + o["vy"] * (t - o["start"]))) + o["size"] // 2
+                dt = (t - o["start"]) // o["hop"] * o["hop"]
+                x = int(round(o["x"] + o["vx"] * dt)) + o["size"] // 2
+                y = int(round(o["y"] + o["vy"] * dt)) + o["size"] // 2
                 color = o["new_color"] if o["change_at"] is not None and t >= o["change_at"] else o["color"]
                 assert np.abs(decoded[t, y, x] - np.array(COLORS[color])).max() <= 40
 

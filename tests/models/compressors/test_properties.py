@@ -1,9 +1,10 @@
-"""Property tests shared by every training-free, feature-only compressor.
+"""Property tests shared by every training-free compressor that runs on visual tokens.
 
-The method list is built, not written: every class in ``REGISTRY`` that is not a
-``LearnedCompressor`` and needs neither a query nor saliency / attention signals, plus the
-classes imported below (deduplicated by registry name). A newly registered baseline is
-therefore covered without touching this file.
+The method lists are built, not written: every class in ``REGISTRY`` that is not a
+``LearnedCompressor`` and needs neither a query nor attention signals, plus the classes
+imported below (deduplicated by registry name). Methods that read ``VisualTokens.saliency``
+(the vision tower's [CLS]-style attention) get a random saliency. A newly registered
+baseline is therefore covered without touching this file.
 """
 
 from __future__ import annotations
@@ -40,15 +41,29 @@ def _feature_only(cls) -> bool:
     return True
 
 
+def _saliency_driven(cls) -> bool:
+    """Training-free, no query or attention, but reads ``visual.saliency``."""
+    if issubclass(cls, LearnedCompressor) or any(getattr(cls, flag, False) for flag in ("needs_query", "needs_attention")):
+        return False
+    return getattr(cls, "needs_saliency", False) or not _feature_only(cls)
+
+
 _CLASSES = {cls.name: cls for cls in (DivPrune, EVS, ToMe, Pool)}
 _CLASSES.update({name: cls for name, cls in REGISTRY.items()})
 METHODS = [cls for _, cls in sorted(_CLASSES.items()) if _feature_only(cls)]
+SALIENCY_METHODS = [cls for _, cls in sorted(_CLASSES.items()) if _saliency_driven(cls)]
 GRID_METHODS = [cls for cls in METHODS if cls.name in ("evs", "pool")]
 
 
 def test_method_list_covers_the_new_baselines():
     names = {cls.name for cls in METHODS}
-    assert {"divprune", "evs", "tome", "pool", "uniform", "random"} <= names
+    assert {"divprune", "evs", "tome", "pool", "uniform", "random", "dycoke"} <= names
+    assert {"visionzip", "fastvid", "holitom"} <= {cls.name for cls in SALIENCY_METHODS}
+
+
+def _with_saliency(visual, seed: int):
+    visual.saliency = torch.rand(visual.valid.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return visual
 
 
 @st.composite
@@ -149,6 +164,20 @@ def test_duplicate_tokens_still_give_distinct_indices(cls, case, make_visual):
     base = torch.randn(2, D, generator=torch.Generator().manual_seed(seed))
     tokens = base[torch.arange(M) % 2].expand(B, M, D)
     visual = make_visual(B, grid, D, n_valid=n_valid, tokens=tokens)
+    check_selection(cls(), visual, budget)
+
+
+@pytest.mark.parametrize("cls", SALIENCY_METHODS, ids=lambda c: c.name)
+@settings(deadline=None, max_examples=40)
+@given(case=cases(), ties=st.booleans())
+def test_saliency_methods_selection_invariants(cls, case, ties, make_visual):
+    """Same invariants for the saliency-driven methods; ``ties`` makes every token one of two vectors."""
+    B, grid, D, n_valid, budget, seed = case
+    tokens = None
+    if ties:
+        M = grid[0] * grid[1] * grid[2]
+        tokens = torch.randn(2, D, generator=torch.Generator().manual_seed(seed))[torch.arange(M) % 2].expand(B, M, D)
+    visual = _with_saliency(make_visual(B, grid, D, n_valid=n_valid, seed=seed, tokens=tokens), seed)
     check_selection(cls(), visual, budget)
 
 
