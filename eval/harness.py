@@ -15,7 +15,8 @@
   its json, as written by :mod:`tokensieve.eval.refbench`) kept — NaN without evidence;
 - ``prefill_gflops``: analytic prefill GFLOPs per sample — vision tower + merger + LLM over
   the kept tokens (``tokensieve.eval.efficiency.prefill_flops``, causal attention count);
-  ``llm_gflops`` is the LLM part, the one a compressor changes;
+  ``llm_gflops`` is the LLM part, the one a compressor changes (for an in-LLM pruner such
+  as FastV, layers before its pruning layer count the full sequence);
 - ``prefill_ms``: measured prefill wall time per sample = vision encoding + the compressor's
   own selection + the LLM prefill (encoding is measured once per batch and shared by every
   cell, since no compressor changes it); ``select_ms`` is the compressor's part (for
@@ -226,14 +227,27 @@ def _cell_key(method: str, budget) -> str:
     return f"{method}@{budget}"
 
 
-def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall, seq, select_s, prefill_s, peak_mb, config, frames, full_acc, resamples) -> dict:
+def _in_llm_flops(config, kept: int, seq: int, full_kept: int, full_seq: int, frames, layer: int) -> tuple[float, float]:
+    """(total, LLM) FLOPs of an in-LLM pruner: layers < ``layer`` see every visual token, the rest the kept ones."""
+    total_k, llm_k = sample_flops(config, kept, seq, frames)
+    _, llm_f = sample_flops(config, full_kept, full_seq, frames)
+    text = getattr(config, "text_config", config)
+    share = min(1.0, layer / text.num_hidden_layers)
+    llm = share * llm_f + (1 - share) * llm_k
+    return total_k - llm_k + llm, llm
+
+
+def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall, seq, select_s, prefill_s, peak_mb, config, frames, full_acc, resamples, in_llm_layer: int | None = None, full_seq=None) -> dict:
     correct = (pred == truth).float().numpy()
     lo, hi = bootstrap_ci(correct, resamples)
     acc = float(correct.mean())
     rec = [r for r in recall if r is not None]
     n = len(correct)
     cache: dict = {}
-    flops = [cache.setdefault((int(k), int(s)), sample_flops(config, int(k), int(s), frames)) for k, s in zip(kept.tolist(), seq)]
+    if in_llm_layer is None:
+        flops = [cache.setdefault((int(k), int(s)), sample_flops(config, int(k), int(s), frames)) for k, s in zip(kept.tolist(), seq)]
+    else:  # FastV-style: the first layers still run over every visual token
+        flops = [cache.setdefault((int(k), int(s), int(mk), int(fs)), _in_llm_flops(config, int(k), int(s), int(mk), int(fs), frames, in_llm_layer)) for k, s, mk, fs in zip(kept.tolist(), seq, m.tolist(), full_seq)]
     return {
         "method": method,
         "budget": budget,
@@ -259,7 +273,7 @@ def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall,
 @torch.no_grad()
 def _run_cell(backbone, cached: list[_Cached], method: str, compressor, budget, letters, config, full_acc, resamples) -> dict:
     device = backbone.device
-    preds, full_preds, truths, kls, kepts, ms, recalls, seqs = [], [], [], [], [], [], [], []
+    preds, full_preds, truths, kls, kepts, ms, recalls, seqs, full_seqs = [], [], [], [], [], [], [], [], []
     select_s = prefill_s = 0.0
     peak = 0.0
     for c in cached:
@@ -307,9 +321,11 @@ def _run_cell(backbone, cached: list[_Cached], method: str, compressor, budget, 
         kls.append(kl_full_to_compressed(fl.masked_fill(~opt_mask, -1e9), lg.masked_fill(~opt_mask, -1e9)))
         kepts.append(kept)
         ms.append(n_valid)
+        full_seqs += c.full_seq
     cat = torch.cat
     frames = tuple(cached[0].batch.frames.shape[1:4])
-    return _summarise(method, budget, cat(preds), cat(full_preds), cat(truths), cat(kls), cat(kepts), cat(ms), recalls, seqs, select_s, prefill_s, peak, config, frames, full_acc, resamples)
+    in_llm_layer = getattr(compressor, "layer", None) if compressor is not None and getattr(compressor, "applies", "pre_llm") == "in_llm" else None
+    return _summarise(method, budget, cat(preds), cat(full_preds), cat(truths), cat(kls), cat(kepts), cat(ms), recalls, seqs, select_s, prefill_s, peak, config, frames, full_acc, resamples, in_llm_layer, full_seqs)
 
 
 # ----------------------------------------------------------------------------- entry point

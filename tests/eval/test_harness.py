@@ -92,6 +92,20 @@ def test_results_of_another_run_are_refused(tiny_backbone_dir, tmp_path):
         harness.run_benchmark(tiny_backbone_dir, "other-data", ["uniform"], [0.5], out, batches=refbench_batches(3), resamples=10, progress=False)
 
 
+def test_in_llm_pruner_counts_its_full_layers_in_the_flops(tiny_backbone_dir, tmp_path):
+    """FastV runs its first K layers over every visual token: its LLM FLOPs lie between a
+    pre-LLM selection of the same size and the full prefill, at K/L of the way."""
+    from transformers import AutoConfig
+
+    res = harness.run_benchmark(tiny_backbone_dir, "generated", ["full", "uniform", "fastv"], [0.25], tmp_path / "b", batches=refbench_batches(3), resamples=10, progress=False)
+    cells = {c["method"]: c for c in res["cells"].values()}
+    full, pre, fastv = cells["full"]["llm_gflops"], cells["uniform"]["llm_gflops"], cells["fastv"]["llm_gflops"]
+    assert cells["fastv"]["kept_tokens"] == cells["uniform"]["kept_tokens"]
+    layers = AutoConfig.from_pretrained(tiny_backbone_dir).text_config.num_hidden_layers
+    share = min(1.0, 2 / layers)  # FastV's default K = 2
+    assert pre < full and abs(fastv - (share * full + (1 - share) * pre)) < 1e-6 * full
+
+
 def test_eval_cli_on_shards(tiny_backbone_dir, tmp_path):
     from tokensieve.cli import main
     from tokensieve.eval.refbench.generator import write_split
