@@ -68,26 +68,22 @@ def accuracies():
     return {k: v / n for k, v in hits.items()}
 
 
-TEACHER_BAR = 0.90  # full-token accuracy on this subset below which the bars cannot be judged
+TEACHER_TARGET = 0.95  # issue 6: the reference teacher's accuracy with all tokens
 
 
-def _require_trained_teacher(acc: dict) -> None:
-    """The bars are only meaningful on a trained teacher: an under-trained one is an expected
-    failure (reported with its accuracies), not a pass, so the suite shows the gap."""
-    if acc["full"] < TEACHER_BAR:
-        pytest.xfail(f"shipped teacher is under-trained (full-token accuracy {acc['full']:.3f} < {TEACHER_BAR}); accuracies {acc}")
-
-
+@pytest.mark.xfail(strict=True, reason="the shipped teacher is under-trained: 61.4 % test accuracy (eval/refbench/teacher/README.md); strict, so a teacher that reaches the target turns this into a failure that removes the marker")
 def test_teacher_is_accurate_with_all_tokens(accuracies):
-    _require_trained_teacher(accuracies)
-    assert accuracies["full"] >= TEACHER_BAR, accuracies
+    assert accuracies["full"] >= TEACHER_TARGET, accuracies
+
+
+def test_teacher_is_well_above_chance(accuracies):
+    """The bars below are only meaningful on a teacher that reads the video at all."""
+    assert accuracies["full"] >= 0.45, accuracies
 
 
 def test_random_at_10_percent_loses_20_points(accuracies):
-    _require_trained_teacher(accuracies)
     assert accuracies["full"] - accuracies["random"] >= 0.20, accuracies
 
 
 def test_oracle_at_10_percent_keeps_98_percent_of_full(accuracies):
-    _require_trained_teacher(accuracies)
     assert accuracies["oracle"] >= 0.98 * accuracies["full"], accuracies
