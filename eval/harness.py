@@ -11,6 +11,7 @@
 - ``kl``: ``KL(full ‖ compressed)`` of the answer distribution, a softmax over the option
   letters' logits, nats (:func:`tokensieve.eval.fidelity.kl_full_to_compressed`);
 - ``kept_tokens`` / ``retention``: mean visual tokens reaching the LLM, and their share;
+- ``tokdense``: TokDense (VQToken, arXiv 2503.16980), accuracy in % per kept visual token;
 - ``evidence_recall``: mean fraction of a sample's evidence tokens (``evidence_tokens`` in
   its json, as written by :mod:`tokensieve.eval.refbench`) kept — NaN without evidence;
 - ``prefill_gflops``: analytic prefill GFLOPs per sample — vision tower + merger + LLM over
@@ -259,6 +260,7 @@ def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall,
         "agreement": float((pred == full_pred).float().mean()),
         "kl": float(kl.mean()),
         "kept_tokens": float(kept.float().mean()),
+        "tokdense": 100 * acc / float(kept.float().mean()) if float(kept.float().mean()) else float("nan"),
         "retention": float((kept.float() / m.float()).mean()),
         "evidence_recall": float(np.mean(rec)) if rec else float("nan"),
         "prefill_gflops": float(np.mean([f[0] for f in flops])) / 1e9,
@@ -470,14 +472,19 @@ def rows_of(results: dict) -> list[dict]:
     return sorted(results["cells"].values(), key=lambda r: (float(r["budget"]), rank.get(r["method"], 2), -r["accuracy"], r["method"]))
 
 
+def tokdense(cell: dict) -> float:
+    """TokDense (VQToken, arXiv 2503.16980): accuracy (%) per kept visual token of a cell."""
+    return 100 * cell["accuracy"] / cell["kept_tokens"] if cell["kept_tokens"] else float("nan")
+
+
 def markdown_table(results: dict) -> str:
-    cols = ("budget", "method", "accuracy [95% CI]", "% of full", "agreement", "KL (nats)", "kept", "evidence recall", "prefill GFLOPs", "LLM GFLOPs", "prefill ms", "select ms", "peak MB")
+    cols = ("budget", "method", "accuracy [95% CI]", "% of full", "agreement", "KL (nats)", "kept", "TokDense", "evidence recall", "prefill GFLOPs", "LLM GFLOPs", "prefill ms", "select ms", "peak MB")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows_of(results):
         rec = "–" if r["evidence_recall"] != r["evidence_recall"] else f"{r['evidence_recall']:.2f}"
         lines.append(
             f"| {r['budget']} | {r['method']} | {100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] | "
-            f"{r['acc_pct_full']:.1f} | {r['agreement']:.3f} | {r['kl']:.3f} | {r['kept_tokens']:.1f} | {rec} | "
+            f"{r['acc_pct_full']:.1f} | {r['agreement']:.3f} | {r['kl']:.3f} | {r['kept_tokens']:.1f} | {tokdense(r):.2f} | {rec} | "
             f"{r['prefill_gflops']:.4f} | {r['llm_gflops']:.4f} | {r['prefill_ms']:.2f} | {r['select_ms']:.2f} | {r['peak_mem_mb']:.1f} |"
         )
     return "\n".join(lines)

@@ -70,6 +70,8 @@ def test_harness_writes_reports_and_resumes(tiny_backbone_dir, tmp_path, monkeyp
         assert row["samples"] == 6 and 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
         assert row["prefill_ms"] > 0 and row["kl"] >= -1e-6
     assert "| 0.1 | oracle |" in (out / "results.md").read_text()
+    for cell in json.loads((out / "results.json").read_text())["cells"].values():  # TokDense: accuracy % per kept token
+        assert abs(cell["tokdense"] - 100 * cell["accuracy"] / cell["kept_tokens"]) < 1e-9
 
     # a rerun with one more compressor only evaluates the new cells
     calls = []
