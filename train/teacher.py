@@ -33,23 +33,14 @@ import torch.nn.functional as F
 
 from tokensieve.data.types import VideoBatch
 from tokensieve.models.backbones import Backbone, load
+from tokensieve.models.backbones.chat_templates import QWEN_VL_CHAT_TEMPLATE_NO_SYSTEM
+from tokensieve.models.backbones.tiny import QWEN_PREPROCESSOR, save_backbone
 from tokensieve.models.compressors import selection_from_indices
 from tokensieve.train.module import CompressorModule
 
 LETTERS = ("A", "B", "C", "D")
 
-TEACHER_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+TEACHER_CHAT_TEMPLATE = QWEN_VL_CHAT_TEMPLATE_NO_SYSTEM
 """Qwen2.5-VL's chat format without the default system turn: 36 fewer prompt tokens per sample
 with the byte-level tokenizer, which matters when training on a CPU."""
 
@@ -111,25 +102,9 @@ def teacher_config(vision_hidden: int = 96, vision_depth: int = 2, vision_heads:
     return config, tok
 
 
-PREPROCESSOR_CONFIG = {
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "min_pixels": 3136,
-    "max_pixels": 12845056,
-}
-
-
 def save_teacher(model, tokenizer, out: str | Path) -> Path:
-    """``save_pretrained`` the model and tokenizer into ``out`` with ``preprocessor_config.json``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
-    return out
+    """``save_pretrained`` the model and tokenizer into ``out`` with Qwen's ``preprocessor_config.json``."""
+    return save_backbone(model, tokenizer, out, QWEN_PREPROCESSOR)
 
 
 def build_teacher(out: str | Path, seed: int = 0, **arch) -> Path:

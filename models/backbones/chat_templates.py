@@ -24,6 +24,12 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+QWEN_VL_SYSTEM_TURN = "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+QWEN_VL_CHAT_TEMPLATE_NO_SYSTEM = QWEN_VL_CHAT_TEMPLATE.replace(QWEN_VL_SYSTEM_TURN, "")
+"""Qwen-VL's format without the default system turn (the refbench teacher's: 36 fewer prompt
+tokens per sample with the byte-level tokenizer)."""
+assert QWEN_VL_CHAT_TEMPLATE_NO_SYSTEM != QWEN_VL_CHAT_TEMPLATE
+
 LLAVA_OV_CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"

@@ -95,7 +95,15 @@ def _qwen_vision_tokens(tok) -> dict:
     )
 
 
-def _save(model, tok, out: Path, preprocessor: dict) -> Path:
+def save_backbone(model, tok, out: str | Path, preprocessor: dict) -> Path:
+    """``save_pretrained`` a model and its tokenizer into ``out`` (created) with
+    ``preprocessor_config.json``, so ``tokensieve.models.backbones.load(out)`` opens it.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
@@ -145,7 +153,7 @@ def make_tiny_qwen2_5_vl(out: str | Path, seed: int = 0, text_layers: int = 4, h
         **_qwen_vision_tokens(tok),
     )
     torch.manual_seed(seed)
-    return _save(Qwen2_5_VLForConditionalGeneration(config).eval(), tok, Path(out), QWEN_PREPROCESSOR)
+    return save_backbone(Qwen2_5_VLForConditionalGeneration(config).eval(), tok, Path(out), QWEN_PREPROCESSOR)
 
 
 def make_tiny_qwen2_vl(out: str | Path, seed: int = 0, text_layers: int = 4, hidden_size: int = 128) -> Path:
@@ -167,7 +175,7 @@ def make_tiny_qwen2_vl(out: str | Path, seed: int = 0, text_layers: int = 4, hid
         **_qwen_vision_tokens(tok),
     )
     torch.manual_seed(seed)
-    return _save(Qwen2VLForConditionalGeneration(config).eval(), tok, Path(out), QWEN_PREPROCESSOR)
+    return save_backbone(Qwen2VLForConditionalGeneration(config).eval(), tok, Path(out), QWEN_PREPROCESSOR)
 
 
 LLAVA_SPECIAL_TOKENS = ("<image>", "<video>")
@@ -199,7 +207,7 @@ def make_tiny_llava_onevision(out: str | Path, seed: int = 0, text_layers: int =
     )
     torch.manual_seed(seed)
     preprocessor = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": image_size, "width": image_size}, "resample": 3, "rescale_factor": 1 / 255}
-    out = _save(LlavaOnevisionForConditionalGeneration(config).eval(), tok, Path(out), preprocessor)
+    out = save_backbone(LlavaOnevisionForConditionalGeneration(config).eval(), tok, Path(out), preprocessor)
     (out / "video_preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return out
 
