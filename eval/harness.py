@@ -12,6 +12,8 @@
   letters' logits, nats (:func:`tokensieve.eval.fidelity.kl_full_to_compressed`);
 - ``kept_tokens`` / ``retention``: mean visual tokens reaching the LLM, and their share;
 - ``tokdense``: TokDense (VQToken, arXiv 2503.16980), accuracy in % per kept visual token;
+- ``accuracy_by_type``: accuracy per question type (the samples' ``qtype``, e.g. refbench's
+  colour / count / direction …), also a second table in ``results.md``;
 - ``evidence_recall``: mean fraction of a sample's evidence tokens (``evidence_tokens`` in
   its json, as written by :mod:`tokensieve.eval.refbench`) kept — NaN without evidence;
 - ``prefill_gflops``: analytic prefill GFLOPs per sample — vision tower + merger + LLM over
@@ -238,8 +240,9 @@ def _in_llm_flops(config, kept: int, seq: int, full_kept: int, full_seq: int, fr
     return total_k - llm_k + llm, llm
 
 
-def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall, seq, select_s, prefill_s, peak_mb, config, frames, full_acc, resamples, in_llm_layer: int | None = None, full_seq=None) -> dict:
+def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall, seq, select_s, prefill_s, peak_mb, config, frames, full_acc, resamples, in_llm_layer: int | None = None, full_seq=None, qtypes=None) -> dict:
     correct = (pred == truth).float().numpy()
+    qtypes = np.array([q or "" for q in (qtypes or [""] * len(correct))])
     lo, hi = bootstrap_ci(correct, resamples)
     acc = float(correct.mean())
     rec = [r for r in recall if r is not None]
@@ -254,6 +257,7 @@ def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall,
         "budget": budget,
         "samples": n,
         "accuracy": acc,
+        "accuracy_by_type": {str(q): float(correct[qtypes == q].mean()) for q in sorted(set(qtypes.tolist()) - {""})},
         "ci_low": lo,
         "ci_high": hi,
         "acc_pct_full": 100 * acc / full_acc if full_acc else float("nan"),
@@ -275,7 +279,7 @@ def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall,
 @torch.no_grad()
 def _run_cell(backbone, cached: list[_Cached], method: str, compressor, budget, letters, config, full_acc, resamples) -> dict:
     device = backbone.device
-    preds, full_preds, truths, kls, kepts, ms, recalls, seqs, full_seqs = [], [], [], [], [], [], [], [], []
+    preds, full_preds, truths, kls, kepts, ms, recalls, seqs, full_seqs, qtypes = [], [], [], [], [], [], [], [], [], []
     select_s = prefill_s = 0.0
     peak = 0.0
     for c in cached:
@@ -324,10 +328,11 @@ def _run_cell(backbone, cached: list[_Cached], method: str, compressor, budget, 
         kepts.append(kept)
         ms.append(n_valid)
         full_seqs += c.full_seq
+        qtypes += [(meta or {}).get("qtype") for meta in c.batch.meta]
     cat = torch.cat
     frames = tuple(cached[0].batch.frames.shape[1:4])
     in_llm_layer = getattr(compressor, "layer", None) if compressor is not None and getattr(compressor, "applies", "pre_llm") == "in_llm" else None
-    return _summarise(method, budget, cat(preds), cat(full_preds), cat(truths), cat(kls), cat(kepts), cat(ms), recalls, seqs, select_s, prefill_s, peak, config, frames, full_acc, resamples, in_llm_layer, full_seqs)
+    return _summarise(method, budget, cat(preds), cat(full_preds), cat(truths), cat(kls), cat(kepts), cat(ms), recalls, seqs, select_s, prefill_s, peak, config, frames, full_acc, resamples, in_llm_layer, full_seqs, qtypes)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -349,6 +354,16 @@ def resolve_compressors(specs: list[str]) -> dict:
             out[f"{comp.name}:{Path(spec).name}"] = comp
         else:
             out[spec] = get_compressor(spec)
+    return out
+
+
+def expand_specs(specs: list[str]) -> list[str]:
+    """``specs`` with ``training-free`` replaced by :func:`default_compressors` (order kept, no duplicates)."""
+    out: list[str] = []
+    for spec in specs:
+        for name in default_compressors() if spec.strip() == "training-free" else [spec.strip()]:
+            if name and name not in out:
+                out.append(name)
     return out
 
 
@@ -390,7 +405,8 @@ def run_benchmark(
         backbone: folder or hub id (``tokensieve.models.backbones.load``); None: the shipped
             refbench teacher.
         data: shards (dir, brace pattern or list) read with ``VideoShardDataset``.
-        compressors: registry names, ``oracle``, exported folders; None: every training-free method.
+        compressors: registry names, ``oracle``, exported folders, and ``training-free`` for
+            every registered training-free method; None: ``["training-free"]``.
         budgets: retention ratios (or int token counts).
         out: output folder; an existing ``results.json`` there makes finished cells skip.
         limit: evaluate only the first ``limit`` samples.
@@ -408,10 +424,10 @@ def run_benchmark(
         from tokensieve.eval.refbench import teacher_path
 
         backbone = teacher_path()
-    specs = list(compressors) if compressors is not None else default_compressors()
+    specs = expand_specs(compressors if compressors is not None else ["training-free"])
     comps = resolve_compressors(["full", "oracle", *[s for s in specs if s not in ("full", "oracle")]])
     results = load_results(out)
-    meta = {"backbone": str(backbone), "data": str(data), "num_frames": num_frames, "size": list(size), "limit": limit}
+    meta = {"backbone": str(backbone), "weights": weights_fingerprint(backbone), "data": str(data), "num_frames": num_frames, "size": list(size), "limit": limit}
     if results.get("meta") and {k: results["meta"].get(k) for k in meta} != meta:
         raise ValueError(f"{out / 'results.json'} was written for {results['meta']}, not {meta}: use another --out")
     results["meta"] = {**meta, "device": None}
@@ -445,6 +461,26 @@ def run_benchmark(
     write_reports(results, out)
     _log_wandb(results, out, wandb_project)
     return results
+
+
+def weights_fingerprint(backbone: str | Path, chunk: int = 1 << 22) -> str | None:
+    """A short hash of a local backbone's ``*.safetensors`` (size + first and last ``chunk``
+    bytes of each), so results of retrained weights in the same folder are never mixed into an
+    old ``results.json``; None for a hub id."""
+    import hashlib
+
+    files = sorted(Path(backbone).glob("*.safetensors")) if Path(backbone).is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(chunk))
+            fh.seek(max(0, size - chunk))
+            h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
 
 
 def _limited(loader, limit: int):
@@ -490,6 +526,20 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def type_table(results: dict) -> str:
+    """Markdown table of accuracy (%) per question type (the samples' ``qtype``), one row per
+    cell; empty when no sample has a type."""
+    rows = rows_of(results)
+    types = sorted({q for r in rows for q in r.get("accuracy_by_type", {})})
+    if not types:
+        return ""
+    lines = ["| budget | method | " + " | ".join(types) + " |", "|" + "---|" * (len(types) + 2)]
+    for r in rows:
+        by = r.get("accuracy_by_type", {})
+        lines.append(f"| {r['budget']} | {r['method']} | " + " | ".join(f"{100 * by[q]:.1f}" if q in by else "–" for q in types) + " |")
+    return "\n".join(lines)
+
+
 def write_reports(results: dict, out: str | Path) -> dict[str, Path]:
     """``results.json``, ``results.md`` and ``pareto.png`` in ``out``."""
     out = Path(out)
@@ -510,6 +560,9 @@ def write_reports(results: dict, out: str | Path) -> dict[str, Path]:
         markdown_table(results),
         "",
     ]
+    by_type = type_table(results)
+    if by_type:
+        md += ["## Accuracy by question type (%)", "", by_type, ""]
     (out / "results.md").write_text("\n".join(md))
     from tokensieve.eval.plots import pareto_plot
 

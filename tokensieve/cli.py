@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="benchmark compressors × budgets: accuracy (95%% CI), %% of full, agreement, KL, FLOPs, time, memory")
     p.add_argument("--backbone", default=None, help="backbone folder or hub id (default: the shipped refbench teacher)")
     p.add_argument("--data", required=True, help="shards (dir, brace pattern), e.g. runs/refbench/shards/test")
-    p.add_argument("--compressors", default=None, help="registry names, oracle, exported folders, comma-separated (default: every training-free method)")
+    p.add_argument("--compressors", default=None, help="registry names, oracle, exported folders, 'training-free' (every training-free method), comma-separated (default: training-free)")
     p.add_argument("--budgets", type=_floats_or_ints, default=[0.05, 0.1, 0.25, 0.5])
     p.add_argument("--out", required=True, help="folder for results.json / results.md / pareto.png (an existing results.json resumes)")
     p.add_argument("--num-frames", type=int, default=16)

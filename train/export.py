@@ -44,7 +44,47 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
         _export_lora(ckpt["state_dict"], record["lora"], out / "lora")
     recipe = {"hyper_parameters": dict(ckpt.get("hyper_parameters", {})), "backbone": record["backbone"], "revision": record["revision"], "source_checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step")}
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (out / "README.md").write_text(model_card(compressor, recipe, out))
     return out
+
+
+def model_card(compressor, recipe: dict, out: Path) -> str:
+    """The exported folder's ``README.md``: what the compressor is (its class summary and its
+    module's docstring, which gives the source paper and formulas), what it was trained
+    against and how to load it (replaces the ``PyTorchModelHubMixin`` placeholder card)."""
+    import inspect
+    import sys
+
+    summary = (inspect.getdoc(type(compressor)) or "").split("\n\n")[0].replace("\n", " ")
+    method = inspect.getdoc(sys.modules[type(compressor).__module__]) or ""
+    params = sum(p.numel() for p in compressor.parameters())
+    return "\n".join(
+        [
+            "---",
+            "library_name: tokensieve",
+            f"tags: [tokensieve, visual-token-compression, {compressor.name}]",
+            "---",
+            "",
+            f"# {compressor.name} ({type(compressor).__name__})",
+            "",
+            summary,
+            "",
+            f"- parameters: {params:,}",
+            f"- backbone it was trained against (frozen): `{recipe.get('backbone')}` (revision `{recipe.get('revision')}`)",
+            f"- optimizer steps: {recipe.get('global_step')}; hyper-parameters and source checkpoint in `recipe.yaml`",
+            "",
+            "```python",
+            "import tokensieve",
+            f'compressor = tokensieve.load_compressor("{out.as_posix()}")',
+            "vlm = tokensieve.apply(tokensieve.load_backbone(BACKBONE), compressor, budget=0.1)",
+            "```",
+            "",
+            f"## Method (`{type(compressor).__module__}`)",
+            "",
+            method,
+            "",
+        ]
+    )
 
 
 def _export_lora(state_dict: dict, record: dict, out: Path) -> None:

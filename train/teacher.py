@@ -45,8 +45,16 @@ TEACHER_CHAT_TEMPLATE = QWEN_VL_CHAT_TEMPLATE_NO_SYSTEM
 with the byte-level tokenizer, which matters when training on a CPU."""
 
 
-def teacher_config(vision_hidden: int = 96, vision_depth: int = 2, vision_heads: int = 4, window_size: int = 112, text_hidden: int = 128, text_layers: int = 4, text_heads: int = 4, kv_heads: int = 2, mlp_ratio: int = 3):
+def teacher_config(vision_hidden: int = 96, vision_depth: int = 2, vision_heads: int = 4, window_size: int = 112, text_hidden: int = 128, text_layers: int = 4, text_heads: int = 4, kv_heads: int = 2, mlp_ratio: int = 3, word_tokens: bool = False):
     """A ``Qwen2_5_VLConfig`` and byte-level tokenizer for a small teacher.
+
+    With ``word_tokens`` the tokenizer also holds the refbench's question words and the chat
+    roles as single tokens (BPE merges, :func:`~tokensieve.eval.refbench.questions.question_words`),
+    as a trained vocabulary would: the prompt shrinks from ~100 byte tokens to ~35, and the
+    word a question turns on ("the *circle*") is one token the answer position can attend to
+    instead of a spelling spread over 6–8 bytes. Off by default: the one run made with it
+    (split evidence-attention loss, lr 3e-3) stayed at chance for its first 1,200 steps, where
+    byte-level runs had reached 38–47 %.
 
     Same layout as :func:`tokensieve.models.backbones.tiny.make_tiny_qwen2_5_vl` (patch 14,
     temporal patch 2, 2×2 merge, window attention with the last block full, M-RoPE), with
@@ -61,8 +69,12 @@ def teacher_config(vision_hidden: int = 96, vision_depth: int = 2, vision_heads:
 
     from tokensieve.models.backbones.tiny import QWEN_SPECIAL_TOKENS, make_byte_tokenizer
 
-    tok = make_byte_tokenizer()
-    tok.chat_template = TEACHER_CHAT_TEMPLATE
+    words: tuple[str, ...] = ()
+    if word_tokens:
+        from tokensieve.eval.refbench.questions import question_words
+
+        words = ("user", "assistant", *question_words())
+    tok = make_byte_tokenizer(chat_template=TEACHER_CHAT_TEMPLATE, words=words)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = text_hidden // text_heads
     quarter = head_dim // 8
@@ -144,29 +156,35 @@ AUX_COLORS = ("red", "green", "blue", "yellow")
 AUX_SHAPES = ("circle", "square", "triangle", "cross")
 
 
+AUX_MOTIONS = ("left", "right", "up", "down")
+
+
 def token_labels(meta: dict, grid: tuple[int, int, int], frames: int = 16, height: int = 112, width: int = 112) -> torch.Tensor:
-    """``long [M, 2]``: per visual token, (colour, shape) class of the object drawn last in its
-    cells — 0 for none, else 1 + index in :data:`AUX_COLORS` / :data:`AUX_SHAPES` — from the
-    ``objects`` of a refbench json (boxes at every visible frame)."""
+    """``long [M, 3]``: per visual token, the (colour, shape, motion) class of the object drawn
+    last in its cells — 0 for none, else 1 + index in :data:`AUX_COLORS` / :data:`AUX_SHAPES` /
+    :data:`AUX_MOTIONS` (motion: the dominant axis of the object's velocity; 0 if static) —
+    from the ``objects`` of a refbench json, with the boxes the renderer drew
+    (:meth:`~tokensieve.eval.refbench.scene.SceneObject.box`)."""
     import numpy as np
+
+    from tokensieve.eval.refbench.scene import SceneObject
 
     t_n, h, w = grid
     frames, height, width = meta.get("num_frames", frames), meta.get("height", height), meta.get("width", width)
     cell_y, cell_x, tp = height // h, width // w, max(1, frames // t_n)
-    out = np.zeros((t_n, h, w, 2), dtype=np.int64)
+    out = np.zeros((t_n, h, w, 3), dtype=np.int64)
+    fields = set(SceneObject.__dataclass_fields__)
     for o in meta.get("objects", []):
-        shape = 1 + AUX_SHAPES.index(o["shape"])
-        for t in range(o["start"], o["end"]):
-            hop = o.get("hop", 1)
-            dt = (t - o["start"]) // hop * hop
-            x0 = int(round(o["x"] + o["vx"] * dt))
-            y0 = int(round(o["y"] + o["vy"] * dt))
-            x1, y1 = x0 + o["size"], y0 + o["size"]
-            color = o["new_color"] if o.get("change_at") is not None and t >= o["change_at"] else o["color"]
+        obj = SceneObject(**{k: v for k, v in o.items() if k in fields})
+        shape = 1 + AUX_SHAPES.index(obj.shape)
+        vx, vy = obj.vx + obj.dx, obj.vy + obj.dy
+        motion = 0 if vx == vy == 0 else 1 + (AUX_MOTIONS.index("left" if vx < 0 else "right") if abs(vx) >= abs(vy) else AUX_MOTIONS.index("up" if vy < 0 else "down"))
+        for t in range(obj.start, obj.end):
+            x0, y0, x1, y1 = obj.box(t)
             ty0, ty1 = max(0, y0) // cell_y, min(height - 1, y1 - 1) // cell_y + 1
             tx0, tx1 = max(0, x0) // cell_x, min(width - 1, x1 - 1) // cell_x + 1
-            out[t // tp, ty0:ty1, tx0:tx1] = (1 + AUX_COLORS.index(color), shape)
-    return torch.from_numpy(out.reshape(t_n * h * w, 2))
+            out[t // tp, ty0:ty1, tx0:tx1] = (1 + AUX_COLORS.index(obj.color_at(t)), shape, motion)
+    return torch.from_numpy(out.reshape(t_n * h * w, 3))
 
 
 class RefBenchTeacher(CompressorModule):
@@ -187,14 +205,18 @@ class RefBenchTeacher(CompressorModule):
         evidence_prob: share of pruned samples whose evidence tokens are kept.
         label_smoothing: CE label smoothing.
         aux_weight: weight of the auxiliary per-token loss: a linear head on the visual tokens
-            (the merger's output) predicts the colour and the shape of the object drawn in each
-            token's cells (or "none"), from the objects listed in the sample's json. Dense
+            (the merger's output) predicts the colour, the shape and the direction of motion of
+            the object drawn in each token's cells (or "none"), from the objects listed in the sample's json. Dense
             supervision that makes the vision tower learn colours and shapes in a few hundred
             steps; the head is dropped at export (the teacher is the VLM alone).
         attn_weight, attn_layer: weight of the auxiliary evidence-attention loss: at decoder
             layer ``attn_layer`` the last prompt position's attention (recomputed from the
-            layer's own q/k with its M-RoPE, mean over heads, causal softmax over the whole
-            row) is pushed onto the sample's evidence tokens, ``-log Σ_evidence p``. It
+            layer's own q/k with its M-RoPE, mean over heads, softmax over the whole row
+            for the first half of the heads, renormalised over the visual tokens for the
+            other half) is pushed onto the sample's evidence tokens, ``-log Σ_evidence p``
+            (mean of the two halves). The second half keeps the share of attention the visual
+            tokens get against the text tokens free: a count is read from it, while a softmax
+            over the evidence alone would average it away. It
             teaches the LLM where to look, the slow part of learning from scratch; the
             answer itself is only ever trained by the answer cross-entropy.
         time_budget_min: wall-clock budget of ``fit`` in minutes (None: none). The schedule's
@@ -223,7 +245,7 @@ class RefBenchTeacher(CompressorModule):
         self.model.requires_grad_(True)
         self.letters = letter_ids(backbone.tokenizer)
         hidden = backbone.model.config.text_config.hidden_size
-        self.aux_head = torch.nn.Linear(hidden, len(AUX_COLORS) + len(AUX_SHAPES) + 2) if aux_weight > 0 else None
+        self.aux_head = torch.nn.Linear(hidden, len(AUX_COLORS) + len(AUX_SHAPES) + len(AUX_MOTIONS) + 3) if aux_weight > 0 else None
         self.skipped: Counter = Counter()
         self._fit_started = None  # perf_counter() at which the elapsed training time was 0
         self._resumed_elapsed = 0.0  # training seconds of earlier jobs (from the checkpoint)
@@ -306,17 +328,27 @@ class RefBenchTeacher(CompressorModule):
                 cols = hit.nonzero().squeeze(1)
                 if cols.numel() == 0:
                     continue
-            probs = logit[b, :, pad:].softmax(-1).mean(0)  # [L - pad]: last row sees everything
-            losses.append(-torch.log(probs[(vs - pad) + cols].sum() + 1e-6))
+            # first half of the heads: the whole row (read the evidence alone); second half:
+            # renormalised over the visual tokens — where to look among them is supervised, how
+            # much to look at them against the text tokens is free (a count is read from that)
+            half = max(1, logit.shape[1] // 2)
+            row = logit[b, :half, pad:].softmax(-1).mean(0)[(vs - pad) + cols].sum()
+            losses.append(-torch.log(row + 1e-6))
+            if logit.shape[1] > half:
+                visual_only = logit[b, half:, vs : vs + kept].softmax(-1).mean(0)[cols].sum()
+                losses[-1] = 0.5 * (losses[-1] - torch.log(visual_only + 1e-6))
         return torch.stack(losses).mean() if losses else None
 
     def aux_loss(self, batch: VideoBatch, visual) -> torch.Tensor:
-        """CE of the per-token colour and shape labels (see ``aux_weight``)."""
-        grid = visual.grid
-        labels = torch.stack([token_labels(m or {}, grid) for m in batch.meta]).to(self.device)  # [B, M, 2]
+        """Sum of the CEs of the per-token colour, shape and motion labels (see ``aux_weight``)."""
+        labels = torch.stack([token_labels(m or {}, visual.grid) for m in batch.meta]).to(self.device)  # [B, M, 3]
         out = self.aux_head(visual.tokens.float())
-        nc = len(AUX_COLORS) + 1
-        return F.cross_entropy(out[..., :nc].reshape(-1, nc), labels[..., 0].reshape(-1)) + F.cross_entropy(out[..., nc:].reshape(-1, out.shape[-1] - nc), labels[..., 1].reshape(-1))
+        loss, lo = out.new_zeros(()), 0
+        for k, names in enumerate((AUX_COLORS, AUX_SHAPES, AUX_MOTIONS)):
+            n = len(names) + 1
+            loss = loss + F.cross_entropy(out[..., lo : lo + n].reshape(-1, n), labels[..., k].reshape(-1))
+            lo += n
+        return loss
 
     # ------------------------------------------------------------------ loops
     def elapsed_seconds(self) -> float:
@@ -366,6 +398,7 @@ class RefBenchTeacher(CompressorModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_correct = self._val_total = 0
+        self._val_by_type: dict[str, list[int]] = {}  # qtype -> [correct, total]
 
     def validation_step(self, batch: VideoBatch, batch_idx: int):
         if batch.size == 0:
@@ -377,13 +410,18 @@ class RefBenchTeacher(CompressorModule):
         truth = torch.tensor([LETTERS.index(a) for a in batch.answers], device=self.device)
         self._val_correct += int((pred == truth).sum())
         self._val_total += batch.size
+        for meta, hit in zip(batch.meta, (pred == truth).tolist()):
+            counts = self.__dict__.setdefault("_val_by_type", {}).setdefault((meta or {}).get("qtype") or "?", [0, 0])
+            counts[0] += int(hit)
+            counts[1] += 1
         self.log("val/loss", loss, batch_size=batch.size, sync_dist=True)
         self.log("val/acc", (pred == truth).float().mean(), prog_bar=True, batch_size=batch.size, sync_dist=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:
         if self._val_total and self.trainer is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            print(f"[teacher] step {self.global_step} val acc {self._val_correct / self._val_total:.4f} ({self._val_total} samples)", flush=True)
+            by_type = " ".join(f"{q} {c / n:.2f}" for q, (c, n) in sorted(self.__dict__.get("_val_by_type", {}).items()))
+            print(f"[teacher] step {self.global_step} val acc {self._val_correct / self._val_total:.4f} ({self._val_total} samples) | {by_type}", flush=True)
 
     def configure_optimizers(self):
         hp = self.hparams

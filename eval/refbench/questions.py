@@ -15,7 +15,8 @@ Events are aligned to temporal-patch boundaries (even frames), so an object visi
 temporal group is visible in both of its frames. With ``Geometry.aligned`` (the default)
 objects are also aligned to the backbone's merged-token grid: each sits inside one 28×28
 cell (2×2 patches of 14 px), so an object in one temporal group is exactly **one visual
-token**, and moving objects hop one cell per temporal group. Measured reason: with free
+token**, and moving objects hop one cell per temporal group while drifting inside their cell
+between the group's two frames (a 2-frame tubelet then shows the motion). Measured reason: with free
 placement (objects straddling patch borders at arbitrary offsets) a from-scratch
 Qwen2.5-VL vision tower of the teacher's size stayed at chance on shape after 12k clips,
 while grid-aligned objects reach 58% after 1.6k clips (linear probe on the merger output).
@@ -121,8 +122,14 @@ def _place_aligned(rng: np.random.Generator, geo: Geometry, others: list[SceneOb
         off = (geo.cell - s) // 2
         cx, cy = int(rng.integers(cols)), int(rng.integers(rows))
         step = geo.cell / geo.temporal  # pixels per frame: one cell per temporal group
-        vx, vy = {None: (0.0, 0.0), "left": (-step, 0.0), "right": (step, 0.0), "up": (0.0, -step), "down": (0.0, step)}[direction]
-        obj = SceneObject(x=float(cx * geo.cell + off), y=float(cy * geo.cell + off), vx=vx, vy=vy, size=s, hop=geo.temporal, **kw)
+        ux, uy = {None: (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+        # a mover also drifts inside its cell between the frames of a temporal group (from the
+        # trailing side, 2 px margins), so each of its tokens shows the motion on its own
+        span = geo.cell - s - 4 if direction is not None else 0
+        ox = off if ux == 0 else (2 if ux > 0 else geo.cell - s - 2)
+        oy = off if uy == 0 else (2 if uy > 0 else geo.cell - s - 2)
+        drift = span / max(1, geo.temporal - 1)
+        obj = SceneObject(x=float(cx * geo.cell + ox), y=float(cy * geo.cell + oy), vx=ux * step, vy=uy * step, size=s, hop=geo.temporal, dx=ux * drift, dy=uy * drift, **kw)
         if _fits(obj, geo) and not _clashes(obj, others):
             return obj
     raise Retry("no room")
@@ -182,12 +189,14 @@ def q_shape(rng, geo: Geometry, answer: int) -> Built:
 
 def q_direction(rng, geo: Geometry, answer: int) -> Built:
     """Direction of motion of the one object of a given colour over 3–4 temporal groups (aligned
-    geometry: 2–3 token cells; free placement: 36–52 px); evidence: its first and last temporal group."""
+    geometry: a 16–18 px object hops 2–3 token cells and drifts 6–8 px inside its cell between
+    the two frames of each temporal group; free placement: 36–52 px); evidence: its first and
+    last temporal group."""
     color = str(rng.choice(COLOR_NAMES))
     groups = int(rng.integers(3, 5))
     start, end = _brief_window(rng, geo, groups)
     span = end - 1 - start
-    target = _place(rng, geo, [], shape=str(rng.choice(SHAPES)), color=color, start=start, end=end, speed=(36 / span, 52 / span), direction=DIRECTIONS[answer], size=int(rng.integers(geo.min_size, geo.min_size + 3)), role="target")
+    target = _place(rng, geo, [], shape=str(rng.choice(SHAPES)), color=color, start=start, end=end, speed=(36 / span, 52 / span), direction=DIRECTIONS[answer], size=int(rng.integers(16, 19) if geo.aligned else rng.integers(geo.min_size, geo.min_size + 3)), role="target")
     objects = [target]
     _distractors(rng, geo, objects, int(rng.integers(1, 3)), SHAPES, [c for c in COLOR_NAMES if c != color])
     t = geo.temporal
@@ -252,6 +261,28 @@ def q_change(rng, geo: Geometry, answer: int) -> Built:
     _distractors(rng, geo, objects, int(rng.integers(1, 3)), [s for s in SHAPES if s != shape], COLOR_NAMES)
     q = format_question(f"What colour does the {shape} turn into?", list(COLOR_NAMES))
     return Built(q, list(COLOR_NAMES), answer, objects, _evidence(target, range(change_at, end)))
+
+
+def question_words(samples_per_type: int = 24, seed: int = 0) -> tuple[str, ...]:
+    """Every word of the question texts (with its leading space when it follows one, as a
+    byte-level BPE vocabulary holds it: ``" circle"``), sorted; single letters left out.
+
+    Read from ``samples_per_type`` draws of each type (all four answers each) plus the option
+    lists, so it follows the templates without restating them. A teacher's tokenizer makes
+    these single tokens (``tokensieve.models.backbones.tiny.word_merges``), as a trained
+    vocabulary would."""
+    import re
+
+    geo = Geometry()
+    texts = [" " + " ".join(opts) for opts in (COLOR_NAMES, SHAPES, DIRECTIONS, COUNTS)]
+    for k, (name, builder) in enumerate(QUESTION_TYPES.items()):
+        rng = np.random.default_rng([seed, k])
+        for i in range(samples_per_type):
+            try:
+                texts.append(builder(rng, geo, i % len(LETTERS)).question)
+            except Retry:
+                continue
+    return tuple(sorted({w for text in texts for w in re.findall(r" ?[A-Za-z]+", text) if len(w.strip()) > 1}))
 
 
 QUESTION_TYPES: dict[str, Callable[..., Built]] = {

@@ -37,6 +37,9 @@ class SceneObject:
         size: side of the bounding square, pixels.
         hop: the position is updated every ``hop`` frames (at ``start``, ``start + hop``, …):
             ``hop = 2`` with ``vx = 14`` moves one 28-pixel token cell per temporal group.
+        dx, dy: drift in pixels per frame *within* a hop (frame ``start + k * hop + j`` is
+            shifted by ``j * (dx, dy)``): with ``hop = 2`` the two frames of a temporal group
+            differ, so one visual token (a 2-frame tubelet) shows which way the object moves.
         change_at, new_color: from frame ``change_at`` on the object is ``new_color``.
     """
 
@@ -53,6 +56,8 @@ class SceneObject:
     new_color: str | None = None
     role: str = "distractor"
     hop: int = 1
+    dx: float = 0.0
+    dy: float = 0.0
 
     def visible(self, t: int) -> bool:
         return self.start <= t < self.end
@@ -63,8 +68,9 @@ class SceneObject:
     def box(self, t: int) -> list[int]:
         """Integer bounding box ``[x0, y0, x1, y1)`` at frame ``t``."""
         dt = (t - self.start) // self.hop * self.hop
-        x = int(round(self.x + self.vx * dt))
-        y = int(round(self.y + self.vy * dt))
+        within = (t - self.start) % self.hop
+        x = int(round(self.x + self.vx * dt + self.dx * within))
+        y = int(round(self.y + self.vy * dt + self.dy * within))
         return [x, y, x + self.size, y + self.size]
 
 

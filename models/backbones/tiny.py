@@ -43,17 +43,44 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def make_byte_tokenizer(extra_special_tokens: tuple[str, ...] = (), chat_template: str = QWEN_VL_CHAT_TEMPLATE):
-    """A byte-level ``Qwen2Tokenizer`` (256 byte tokens, no merges) plus Qwen's special tokens.
+def word_merges(words) -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-level BPE merges that make each of ``words`` one token: for a word's bytes
+    ``b1 b2 … bn`` (in the byte-to-unicode alphabet, so ``" red"`` is ``Ġred``) the merges
+    ``(b1, b2)``, ``(b1b2, b3)``, … in order. Returns ``(new vocabulary entries, merges)``;
+    prefixes shared by several words are merged once."""
+    table = _bytes_to_unicode()
+    entries: list[str] = []
+    merges: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for word in words:
+        symbols = [table[b] for b in word.encode("utf-8")]
+        left = symbols[0]
+        for right in symbols[1:]:
+            merged = left + right
+            if merged not in seen:
+                seen.add(merged)
+                entries.append(merged)
+                merges.append((left, right))
+            left = merged
+    return entries, merges
 
-    Works offline; every string round-trips. Special tokens get ids 256..262, then
-    ``extra_special_tokens`` (e.g. LLaVA's ``<image>``, ``<video>``) in order.
+
+def make_byte_tokenizer(extra_special_tokens: tuple[str, ...] = (), chat_template: str = QWEN_VL_CHAT_TEMPLATE, words: tuple[str, ...] = ()):
+    """A byte-level ``Qwen2Tokenizer`` (256 byte tokens) plus Qwen's special tokens.
+
+    Works offline; every string round-trips. Without ``words`` there are no merges and the
+    special tokens get ids 256..262, then ``extra_special_tokens`` (e.g. LLaVA's ``<image>``,
+    ``<video>``) in order. ``words`` (e.g. ``" circle"``, with its leading space) become
+    single tokens through BPE merges (:func:`word_merges`), as in a trained vocabulary; their
+    ids follow the bytes, before the special tokens.
     """
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
     vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    entries, merges = word_merges(words)
+    vocab.update({e: len(vocab) + i for i, e in enumerate(entries)})
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
     specials = [*QWEN_SPECIAL_TOKENS, *extra_special_tokens]
     tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in specials]})
     tok.chat_template = chat_template

@@ -72,6 +72,10 @@ def test_harness_writes_reports_and_resumes(tiny_backbone_dir, tmp_path, monkeyp
     assert "| 0.1 | oracle |" in (out / "results.md").read_text()
     for cell in json.loads((out / "results.json").read_text())["cells"].values():  # TokDense: accuracy % per kept token
         assert abs(cell["tokdense"] - 100 * cell["accuracy"] / cell["kept_tokens"]) < 1e-9
+        by_type = cell["accuracy_by_type"]  # samples 0-5 cycle through the first six question types
+        assert set(by_type) == {batches[0].meta[0]["qtype"], *(m["qtype"] for b in batches for m in b.meta)}
+        assert abs(np.mean(list(by_type.values())) - cell["accuracy"]) < 1e-6  # one sample per type
+    assert "## Accuracy by question type" in (out / "results.md").read_text()
 
     # a rerun with one more compressor only evaluates the new cells
     calls = []
@@ -92,6 +96,18 @@ def test_results_of_another_run_are_refused(tiny_backbone_dir, tmp_path):
     harness.run_benchmark(tiny_backbone_dir, "generated", ["uniform"], [0.5], out, batches=refbench_batches(3), resamples=10, progress=False)
     with pytest.raises(ValueError, match="another --out"):
         harness.run_benchmark(tiny_backbone_dir, "other-data", ["uniform"], [0.5], out, batches=refbench_batches(3), resamples=10, progress=False)
+    # the same folder with retrained weights is another backbone too
+    import shutil
+
+    retrained = tmp_path / "retrained"
+    shutil.copytree(tiny_backbone_dir, retrained)
+    harness.run_benchmark(retrained, "generated", ["uniform"], [0.5], tmp_path / "r", batches=refbench_batches(3), resamples=10, progress=False)
+    st = retrained / "model.safetensors"
+    data = bytearray(st.read_bytes())
+    data[-1] ^= 1  # the last weight byte
+    st.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="another --out"):
+        harness.run_benchmark(retrained, "generated", ["uniform"], [0.5], tmp_path / "r", batches=refbench_batches(3), resamples=10, progress=False)
 
 
 def test_in_llm_pruner_counts_its_full_layers_in_the_flops(tiny_backbone_dir, tmp_path):
@@ -106,6 +122,12 @@ def test_in_llm_pruner_counts_its_full_layers_in_the_flops(tiny_backbone_dir, tm
     layers = AutoConfig.from_pretrained(tiny_backbone_dir).text_config.num_hidden_layers
     share = min(1.0, 2 / layers)  # FastV's default K = 2
     assert pre < full and abs(fastv - (share * full + (1 - share) * pre)) < 1e-6 * full
+
+
+def test_training_free_expands_to_every_registered_training_free_method():
+    free = harness.default_compressors()
+    assert "random" in free and "divprune" in free and "flexselect" not in free
+    assert harness.expand_specs(["oracle", "training-free", "random", "runs/x/export"]) == ["oracle", *free, "runs/x/export"]
 
 
 def test_eval_cli_on_shards(tiny_backbone_dir, tmp_path):

@@ -52,6 +52,32 @@ def test_evidence_boxes_hold_the_target_colour():
             assert any((np.abs(patch - np.array(COLORS[c])).max(1) == 0).sum() >= 20 for c in colors)
 
 
+def test_direction_target_moves_inside_each_token_and_hops_cells():
+    """Aligned direction questions: each temporal group's two frames show the object shifted the
+    asked way inside one 28-px cell (one token sees the motion); consecutive groups hop a cell."""
+    from tokensieve.eval.refbench.questions import DIRECTIONS
+    from tokensieve.eval.refbench.scene import SceneObject
+
+    axes = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+    seen = set()
+    for i in range(2, 7 * 12, 7):  # the direction samples of the type cycle
+        _, r = make_sample(0, "val", i)
+        assert r["qtype"] == "direction"
+        (o,) = [o for o in r["objects"] if o["role"] == "target"]
+        obj = SceneObject(**o)
+        ux, uy = axes[r["answer_text"]]
+        seen.add(r["answer_text"])
+        for t in range(obj.start, obj.end, 2):
+            a, b = obj.box(t), obj.box(t + 1)
+            assert (b[0] - a[0]) * ux + (b[1] - a[1]) * uy >= 6  # drift the asked way within the group
+            assert a[0] // 28 == (b[2] - 1) // 28 and a[1] // 28 == (b[3] - 1) // 28  # one cell in both frames
+            if t + 2 < obj.end:
+                c = obj.box(t + 2)
+                assert ((c[0] - a[0]) * ux + (c[1] - a[1]) * uy) == 28  # next group: next cell
+        assert len(r["evidence_tokens"]) == 2
+    assert seen == set(DIRECTIONS)
+
+
 def test_box_to_token_indices():
     grid = TokenGrid(frames=16, height=112, width=112)
     assert grid.shape == (8, 4, 4) and grid.cell == 28
@@ -171,3 +197,15 @@ def test_evidence_recall_counts_kept_evidence():
     ev = [[1, 2, 3, 5]]
     assert evidence_recall(sel, ev) == [sum(i in kept for i in ev[0]) / 4]
     assert evidence_recall(sel, [[]]) == [None]
+
+
+def test_question_words_cover_every_question_and_option():
+    import re
+
+    from tokensieve.eval.refbench.questions import question_words
+
+    words = set(question_words())
+    for i in range(35):
+        _, r = make_sample(0, "test", i)
+        assert {w for w in re.findall(r" ?[A-Za-z]+", r["question"]) if len(w.strip()) > 1} <= words
+    assert {" red", " circle", " left", " four", "What"} <= words and " A" not in words

@@ -59,7 +59,9 @@ def test_fit_checkpoint_export_round_trip(module, tmp_path):
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert all(k.startswith("compressor.") for k in raw["state_dict"])
     out = export_checkpoint(ckpt, tmp_path / "export")
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "recipe.yaml"}
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "recipe.yaml", "README.md"}
+    card = (out / "README.md").read_text()
+    assert "# flexselect (FlexSelect)" in card and "arXiv" in card and "More Information Needed" not in card
     loaded = load_compressor(out)
     batch = make_batch(seed=7)
     visual = module.backbone.encode_video(batch)

@@ -40,9 +40,21 @@ def test_training_steps_lower_the_loss_and_move_every_weight():
 def test_token_labels_mark_the_object_cells():
     batch = refbench_batches(1, 1)[0]
     labels = token_labels(batch.meta[0], (8, 4, 4))
-    assert labels.shape == (128, 2)
+    assert labels.shape == (128, 3)
     marked = set(labels[:, 0].nonzero().squeeze(1).tolist())
     assert set(batch.meta[0]["evidence_tokens"]) <= marked  # evidence = cells of the target object
+
+
+def test_token_labels_give_the_direction_target_its_motion():
+    from tokensieve.eval.refbench.generator import make_sample
+    from tokensieve.train.teacher import AUX_MOTIONS
+
+    for i in (2, 9, 16, 23):
+        _, r = make_sample(0, "val", i)
+        labels = token_labels(r, (8, 4, 4))
+        motions = labels[r["evidence_tokens"], 2].tolist()
+        assert motions == [1 + AUX_MOTIONS.index(r["answer_text"])] * len(motions)
+        assert int((labels[:, 2] > 0).sum()) >= len(motions)  # static distractors are 0
 
 
 def test_elapsed_time_and_warmup_survive_a_checkpoint_round_trip():
