@@ -594,11 +594,11 @@ def print_results(results: dict) -> None:
 
     table = Table(title="accuracy vs budget")
     for col in ("budget", "method", "acc", "95% CI", "% full", "agree", "KL", "kept", "ev. recall", "GFLOPs", "ms"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows_of(results):
         table.add_row(
             str(r["budget"]), r["method"], f"{100 * r['accuracy']:.1f}", f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}",
             f"{r['acc_pct_full']:.1f}", f"{r['agreement']:.3f}", f"{r['kl']:.3f}", f"{r['kept_tokens']:.1f}",
             "–" if math.isnan(r["evidence_recall"]) else f"{r['evidence_recall']:.2f}", f"{r['prefill_gflops']:.4f}", f"{r['prefill_ms']:.1f}",
         )
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)  # a log or pipe is 80 columns: names would be cut
