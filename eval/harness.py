@@ -252,7 +252,7 @@ def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall,
         flops = [cache.setdefault((int(k), int(s)), sample_flops(config, int(k), int(s), frames)) for k, s in zip(kept.tolist(), seq)]
     else:  # FastV-style: the first layers still run over every visual token
         flops = [cache.setdefault((int(k), int(s), int(mk), int(fs)), _in_llm_flops(config, int(k), int(s), int(mk), int(fs), frames, in_llm_layer)) for k, s, mk, fs in zip(kept.tolist(), seq, m.tolist(), full_seq)]
-    return {
+    row = {
         "method": method,
         "budget": budget,
         "samples": n,
@@ -264,7 +264,6 @@ def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall,
         "agreement": float((pred == full_pred).float().mean()),
         "kl": float(kl.mean()),
         "kept_tokens": float(kept.float().mean()),
-        "tokdense": 100 * acc / float(kept.float().mean()) if float(kept.float().mean()) else float("nan"),
         "retention": float((kept.float() / m.float()).mean()),
         "evidence_recall": float(np.mean(rec)) if rec else float("nan"),
         "prefill_gflops": float(np.mean([f[0] for f in flops])) / 1e9,
@@ -274,6 +273,8 @@ def _summarise(method: str, budget, pred, full_pred, truth, kl, kept, m, recall,
         "prefill_ms": 1000 * prefill_s / n,
         "peak_mem_mb": peak_mb,
     }
+    row["tokdense"] = tokdense(row)
+    return row
 
 
 @torch.no_grad()
@@ -358,7 +359,9 @@ def resolve_compressors(specs: list[str]) -> dict:
 
 
 def expand_specs(specs: list[str]) -> list[str]:
-    """``specs`` with ``training-free`` replaced by :func:`default_compressors` (order kept, no duplicates)."""
+    """``specs`` (compressor names / exported folders, as given to ``--compressors``) with
+    ``training-free`` replaced by :func:`default_compressors`, stripped, order kept, duplicates
+    and empty entries dropped."""
     out: list[str] = []
     for spec in specs:
         for name in default_compressors() if spec.strip() == "training-free" else [spec.strip()]:
@@ -464,9 +467,15 @@ def run_benchmark(
 
 
 def weights_fingerprint(backbone: str | Path, chunk: int = 1 << 22) -> str | None:
-    """A short hash of a local backbone's ``*.safetensors`` (size + first and last ``chunk``
-    bytes of each), so results of retrained weights in the same folder are never mixed into an
-    old ``results.json``; None for a hub id."""
+    """A short hash of a local backbone's ``*.safetensors`` (name, size in bytes and the first
+    and last ``chunk`` bytes of each), so results of retrained weights in the same folder are
+    never mixed into an old ``results.json``.
+
+    Returns:
+        16 hex characters, or None for a hub id or a folder without safetensors.
+    Raises:
+        OSError: a weight file cannot be read.
+    """
     import hashlib
 
     files = sorted(Path(backbone).glob("*.safetensors")) if Path(backbone).is_dir() else []
@@ -509,7 +518,9 @@ def rows_of(results: dict) -> list[dict]:
 
 
 def tokdense(cell: dict) -> float:
-    """TokDense (VQToken, arXiv 2503.16980): accuracy (%) per kept visual token of a cell."""
+    """TokDense (VQToken, "Neural Discrete Token Representation Learning for Extreme Token
+    Reduction in Video LLMs", arXiv 2503.16980): accuracy in % per kept visual token of a cell
+    (``100 · accuracy / kept_tokens``); NaN when nothing is kept."""
     return 100 * cell["accuracy"] / cell["kept_tokens"] if cell["kept_tokens"] else float("nan")
 
 

@@ -51,7 +51,15 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
 def model_card(compressor, recipe: dict, out: Path) -> str:
     """The exported folder's ``README.md``: what the compressor is (its class summary and its
     module's docstring, which gives the source paper and formulas), what it was trained
-    against and how to load it (replaces the ``PyTorchModelHubMixin`` placeholder card)."""
+    against and how to load it (replaces the ``PyTorchModelHubMixin`` placeholder card).
+
+    Args:
+        compressor: the exported :class:`~tokensieve.models.compressors.LearnedCompressor`.
+        recipe: the dict written to ``recipe.yaml`` (``backbone``, ``revision``, ``global_step``).
+        out: the export folder (shown in the load snippet).
+
+    Returns:
+        The Markdown text (with a Hugging Face YAML header)."""
     import inspect
     import sys
 

@@ -164,7 +164,12 @@ def token_labels(meta: dict, grid: tuple[int, int, int], frames: int = 16, heigh
     last in its cells — 0 for none, else 1 + index in :data:`AUX_COLORS` / :data:`AUX_SHAPES` /
     :data:`AUX_MOTIONS` (motion: the dominant axis of the object's velocity; 0 if static) —
     from the ``objects`` of a refbench json, with the boxes the renderer drew
-    (:meth:`~tokensieve.eval.refbench.scene.SceneObject.box`)."""
+    (:meth:`~tokensieve.eval.refbench.scene.SceneObject.box`). ``M = t·h·w`` of ``grid``;
+    ``frames``, ``height``, ``width`` (pixels) are the json's own when it has them.
+
+    Raises:
+        ValueError: an object's colour or shape is not one of the auxiliary classes.
+    """
     import numpy as np
 
     from tokensieve.eval.refbench.scene import SceneObject
@@ -249,7 +254,7 @@ class RefBenchTeacher(CompressorModule):
         self.skipped: Counter = Counter()
         self._fit_started = None  # perf_counter() at which the elapsed training time was 0
         self._resumed_elapsed = 0.0  # training seconds of earlier jobs (from the checkpoint)
-        self._val_correct = self._val_total = 0
+        self._val_by_type: dict[str, list[int]] = {}  # qtype -> [correct, total] of the current validation
 
     # ------------------------------------------------------------------ helpers
     def _targets(self, batch: VideoBatch) -> torch.Tensor:
@@ -333,10 +338,11 @@ class RefBenchTeacher(CompressorModule):
             # much to look at them against the text tokens is free (a count is read from that)
             half = max(1, logit.shape[1] // 2)
             row = logit[b, :half, pad:].softmax(-1).mean(0)[(vs - pad) + cols].sum()
-            losses.append(-torch.log(row + 1e-6))
+            loss = -torch.log(row + 1e-6)
             if logit.shape[1] > half:
                 visual_only = logit[b, half:, vs : vs + kept].softmax(-1).mean(0)[cols].sum()
-                losses[-1] = 0.5 * (losses[-1] - torch.log(visual_only + 1e-6))
+                loss = 0.5 * (loss - torch.log(visual_only + 1e-6))
+            losses.append(loss)
         return torch.stack(losses).mean() if losses else None
 
     def aux_loss(self, batch: VideoBatch, visual) -> torch.Tensor:
@@ -397,8 +403,11 @@ class RefBenchTeacher(CompressorModule):
             sums[:] = [0.0, 0.0, 0]
 
     def on_validation_epoch_start(self) -> None:
-        self._val_correct = self._val_total = 0
-        self._val_by_type: dict[str, list[int]] = {}  # qtype -> [correct, total]
+        self._val_by_type = {}
+
+    def _val_totals(self) -> tuple[int, int]:
+        """(correct, total) of the current (or last) validation, over every question type."""
+        return sum(c for c, _ in self._val_by_type.values()), sum(n for _, n in self._val_by_type.values())
 
     def validation_step(self, batch: VideoBatch, batch_idx: int):
         if batch.size == 0:
@@ -408,10 +417,8 @@ class RefBenchTeacher(CompressorModule):
         loss = F.cross_entropy(logits.float(), self._targets(batch))
         pred = logits[:, self.letters].argmax(-1)
         truth = torch.tensor([LETTERS.index(a) for a in batch.answers], device=self.device)
-        self._val_correct += int((pred == truth).sum())
-        self._val_total += batch.size
         for meta, hit in zip(batch.meta, (pred == truth).tolist()):
-            counts = self.__dict__.setdefault("_val_by_type", {}).setdefault((meta or {}).get("qtype") or "?", [0, 0])
+            counts = self._val_by_type.setdefault((meta or {}).get("qtype") or "?", [0, 0])
             counts[0] += int(hit)
             counts[1] += 1
         self.log("val/loss", loss, batch_size=batch.size, sync_dist=True)
@@ -419,9 +426,10 @@ class RefBenchTeacher(CompressorModule):
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_total and self.trainer is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            by_type = " ".join(f"{q} {c / n:.2f}" for q, (c, n) in sorted(self.__dict__.get("_val_by_type", {}).items()))
-            print(f"[teacher] step {self.global_step} val acc {self._val_correct / self._val_total:.4f} ({self._val_total} samples) | {by_type}", flush=True)
+        correct, total = self._val_totals()
+        if total and self.trainer is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            by_type = " ".join(f"{q} {c / n:.2f}" for q, (c, n) in sorted(self._val_by_type.items()))
+            print(f"[teacher] step {self.global_step} val acc {correct / total:.4f} ({total} samples) | {by_type}", flush=True)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -469,6 +477,7 @@ class RefBenchTeacher(CompressorModule):
             return
         out = save_teacher(self.model, self.backbone.tokenizer, hp.export_dir)
         params = sum(p.numel() for p in self.model.parameters())
+        val_correct, val_total = self._val_totals()
         card = {
             "what": "reference teacher of the tokensieve refbench (Qwen2.5-VL architecture, trained from scratch)",
             "hyper_parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(hp).items()},
@@ -476,8 +485,8 @@ class RefBenchTeacher(CompressorModule):
             "global_step": int(self.trainer.global_step),
             "train_seconds": round(self.elapsed_seconds(), 1) if self._fit_started is not None else None,
             "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
-            "val_acc": self._val_correct / self._val_total if self._val_total else None,
-            "val_samples": self._val_total,
+            "val_acc": val_correct / val_total if val_total else None,
+            "val_samples": val_total,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }

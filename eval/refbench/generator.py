@@ -75,7 +75,7 @@ def make_sample(seed: int, split: str, index: int, config: RefBenchConfig | None
     qtype = cfg.types[index % len(cfg.types)]
     builder = QUESTION_TYPES[qtype]
     answer = int(rng.integers(0, len(LETTERS)))
-    geo = Geometry(cfg.frames, cfg.height, cfg.width, aligned=cfg.aligned) if cfg.aligned else Geometry(cfg.frames, cfg.height, cfg.width, min_size=16, max_size=20, aligned=False)
+    geo = Geometry(cfg.frames, cfg.height, cfg.width) if cfg.aligned else Geometry(cfg.frames, cfg.height, cfg.width, min_size=16, max_size=20, aligned=False)
     grid = cfg.grid
     for _ in range(200):
         try:

@@ -34,6 +34,8 @@ from tokensieve.eval.refbench.scene import COLORS, SHAPES, SceneObject
 LETTERS = ("A", "B", "C", "D")
 COLOR_NAMES = tuple(COLORS)
 DIRECTIONS = ("left", "right", "up", "down")
+UNIT = {None: (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+"""Direction → unit step (x, y) in image coordinates (y down)."""
 COUNTS = ("one", "two", "three", "four")
 
 
@@ -95,7 +97,11 @@ def _place(rng: np.random.Generator, geo: Geometry, others: list[SceneObject], t
     """An object at a random position (and velocity) that stays in frame and overlaps nothing.
 
     With ``geo.aligned`` the object is centred in a random token cell; it is static unless a
-    ``direction`` is given, then it hops one cell per temporal group that way."""
+    ``direction`` is given, then it hops one cell per temporal group that way and drifts inside
+    its cell between the group's frames (see :func:`_place_aligned`).
+
+    Raises:
+        Retry: no position found in ``tries`` draws."""
     size = kw.pop("size", None)
     if geo.aligned:
         return _place_aligned(rng, geo, others, tries, direction, size, **kw)
@@ -106,8 +112,8 @@ def _place(rng: np.random.Generator, geo: Geometry, others: list[SceneObject], t
             ang = rng.uniform(0, 2 * np.pi)
             vx, vy = v * np.cos(ang), v * np.sin(ang)
         else:
-            vx, vy = {"left": (-v, 0.0), "right": (v, 0.0), "up": (0.0, -v), "down": (0.0, v)}[direction]
-            vx, vy = vx + rng.uniform(-0.4, 0.4), vy + rng.uniform(-0.4, 0.4)
+            ux, uy = UNIT[direction]
+            vx, vy = ux * v + rng.uniform(-0.4, 0.4), uy * v + rng.uniform(-0.4, 0.4)
         obj = SceneObject(x=float(rng.uniform(0, geo.width - s)), y=float(rng.uniform(0, geo.height - s)), vx=vx, vy=vy, size=s, **kw)
         if _fits(obj, geo) and not _clashes(obj, others):
             return obj
@@ -115,20 +121,21 @@ def _place(rng: np.random.Generator, geo: Geometry, others: list[SceneObject], t
 
 
 def _place_aligned(rng: np.random.Generator, geo: Geometry, others: list[SceneObject], tries: int, direction: str | None, size, **kw) -> SceneObject:
+    """An object inside one ``geo.cell`` token cell (centred when static). A mover hops one
+    cell per temporal group and, between the frames of a group, drifts from the trailing side
+    of its cell to the leading side (2 px margins: ``cell - size - 4`` px, at least 6, so its
+    size is capped at ``cell - 10``), so each of its tokens shows the motion on its own."""
     cols, rows = geo.width // geo.cell, geo.height // geo.cell
+    step = geo.cell / geo.temporal  # pixels per frame: one cell per temporal group
+    ux, uy = UNIT[direction]
     for _ in range(tries):
         s = int(size or rng.integers(geo.min_size, geo.max_size + 1))
-        s = min(s, geo.cell - 2)
+        s = min(s, geo.cell - (10 if direction is not None else 2))
         off = (geo.cell - s) // 2
         cx, cy = int(rng.integers(cols)), int(rng.integers(rows))
-        step = geo.cell / geo.temporal  # pixels per frame: one cell per temporal group
-        ux, uy = {None: (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
-        # a mover also drifts inside its cell between the frames of a temporal group (from the
-        # trailing side, 2 px margins), so each of its tokens shows the motion on its own
-        span = geo.cell - s - 4 if direction is not None else 0
+        drift = (geo.cell - s - 4) / max(1, geo.temporal - 1) if direction is not None else 0.0
         ox = off if ux == 0 else (2 if ux > 0 else geo.cell - s - 2)
         oy = off if uy == 0 else (2 if uy > 0 else geo.cell - s - 2)
-        drift = span / max(1, geo.temporal - 1)
         obj = SceneObject(x=float(cx * geo.cell + ox), y=float(cy * geo.cell + oy), vx=ux * step, vy=uy * step, size=s, hop=geo.temporal, dx=ux * drift, dy=uy * drift, **kw)
         if _fits(obj, geo) and not _clashes(obj, others):
             return obj

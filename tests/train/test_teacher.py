@@ -87,6 +87,8 @@ def test_fit_exports_a_loadable_teacher_with_its_card(tmp_path):
     trainer.fit(teacher, datamodule=data)
     card = json.loads((tmp_path / "export" / "teacher_card.json").read_text())
     assert card["global_step"] == 2 and card["device"] == "cpu" and card["train_seconds"] > 0
+    assert card["val_samples"] == 2 and 0.0 <= card["val_acc"] <= 1.0  # totals derived from the per-type counts
+    assert sum(n for _, n in teacher._val_by_type.values()) == 2 and set(teacher._val_by_type) <= {"color", "shape"}
     assert card["hyper_parameters"]["arch"] == SMALL and card["hyper_parameters"]["attn_weight"] == 1.0
     reloaded = load(tmp_path / "export")
     for name, p in teacher.model.state_dict().items():
