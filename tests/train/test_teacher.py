@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from tests.eval.test_harness import refbench_batches
-from tokensieve.train.teacher import RefBenchTeacher, token_labels
+from tokensieve.train.teacher import RefBenchTeacher, batched_window_attention, encode_video_with_grad, token_labels
 
 SMALL = {"vision_hidden": 32, "vision_depth": 1, "vision_heads": 2, "text_hidden": 64, "text_layers": 2, "text_heads": 2, "kv_heads": 1, "mlp_ratio": 2}
 
@@ -35,6 +35,48 @@ def test_training_steps_lower_the_loss_and_move_every_weight():
     assert losses[-1] < losses[0]
     frozen = [n for n, p in teacher.model.named_parameters() if torch.equal(p, before[n]) and "embed_tokens" not in n]
     assert not frozen, frozen  # unlike the compressors, the teacher trains the whole VLM (vision tower included)
+
+
+def test_batched_window_attention_is_the_library_forward():
+    batch = refbench_batches(2, 2)[0]
+    library, batched = _teacher(batched_vision_attention=False), _teacher()  # same seed: same weights
+    assert torch.equal(library.model.model.visual.blocks[0].attn.qkv.weight, batched.model.model.visual.blocks[0].attn.qkv.weight)
+    a, b = encode_video_with_grad(library.backbone, batch), encode_video_with_grad(batched.backbone, batch)
+    torch.testing.assert_close(b.tokens, a.tokens, rtol=1e-5, atol=1e-5)
+    b.tokens.sum().backward()  # differentiable
+    assert batched.model.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    # windows of unequal length: the library's own forward runs
+    attn = batched.model.model.visual.blocks[0].attn
+    hidden = torch.randn(10, attn.qkv.in_features)
+    rope = (torch.ones(10, attn.head_dim), torch.zeros(10, attn.head_dim))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    torch.testing.assert_close(batched_window_attention(attn, hidden, cu, position_embeddings=rope), type(attn).forward(attn, hidden, cu, position_embeddings=rope))
+
+
+def test_token_dropout_keeps_the_evidence_whose_loss_would_change_the_answer():
+    teacher = _teacher()
+    teacher.hparams.update(drop_prob=1.0, drop_range=(0.05, 0.05), evidence_prob=0.0)  # prune every sample to ~6 random tokens
+    batch = refbench_batches(7, 7)[0]  # one sample of each question type
+    visual = teacher.backbone.encode_video(batch)
+    torch.manual_seed(0)
+    selection = teacher._dropout_selection(batch, visual)
+    for b, meta in enumerate(batch.meta):
+        kept = set(selection.index[b][selection.valid[b]].tolist()) if selection.valid is not None else set(selection.index[b].tolist())
+        evidence = set(meta["evidence_tokens"])
+        if meta["qtype"] in ("count", "order"):  # a pruned evidence token would change the label
+            assert evidence <= kept, meta["qtype"]
+    assert any(not set(m["evidence_tokens"]) <= set(selection.index[b].tolist()) for b, m in enumerate(batch.meta) if m["qtype"] not in ("count", "order"))
+
+
+def test_qtype_weights_weigh_the_answer_loss():
+    batch = refbench_batches(7, 7)[0]
+    logits = torch.randn(7, 300)
+    plain, weighted = _teacher(), _teacher(qtype_weights={"count": 3.0})
+    target = plain._targets(batch)
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    w = torch.tensor([3.0 if m["qtype"] == "count" else 1.0 for m in batch.meta])
+    torch.testing.assert_close(plain._answer_loss(batch, logits, target), ce.mean())
+    torch.testing.assert_close(weighted._answer_loss(batch, logits, target), (w * ce).sum() / w.sum())
 
 
 def test_token_labels_mark_the_object_cells():
