@@ -53,7 +53,8 @@ class QwenVisionPreprocessor:
         """Patchify one clip.
 
         Args:
-            frames: ``uint8 [T, H, W, 3]``, H and W multiples of ``patch_size * merge_size``.
+            frames: ``uint8 [T, H, W, 3]`` on any device (the patches come back on it), H and W
+                multiples of ``patch_size * merge_size``.
 
         Returns:
             ``(pixel_values float32 [grid_t * grid_h * grid_w, 3 * temporal_patch * patch²], (grid_t, grid_h, grid_w))``
@@ -69,8 +70,8 @@ class QwenVisionPreprocessor:
         if h % factor or w % factor:
             raise ValueError(f"frame size {h}x{w} is not a multiple of {factor}; resize with smart_resize first")
         x = frames.permute(0, 3, 1, 2).float() / 255.0
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        mean = torch.tensor(self.image_mean, device=frames.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=frames.device).view(1, 3, 1, 1)
         x = (x - mean) / std
         if t % self.temporal_patch_size:
             pad = self.temporal_patch_size - t % self.temporal_patch_size

@@ -93,7 +93,7 @@ class QwenVLBackbone(DecoderBackbone):
         Raises:
             ValueError: frames not ``uint8 [T, H, W, 3]`` or H/W not multiples of 28.
         """
-        pixel_values, grids = zip(*(self.preprocessor(f) for f in batch.frames.cpu()))
+        pixel_values, grids = zip(*(self.preprocessor(f) for f in batch.frames))  # on the frames' device: no GPU → CPU round trip of the raw clip
         grid_thw = torch.tensor(grids, dtype=torch.long)
         visual_model = self.model.model.visual
         pixels = torch.cat(pixel_values).to(self.device, visual_model.dtype)
