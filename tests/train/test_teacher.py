@@ -68,6 +68,20 @@ def test_token_dropout_keeps_the_evidence_whose_loss_would_change_the_answer():
     assert any(not set(m["evidence_tokens"]) <= set(selection.index[b].tolist()) for b, m in enumerate(batch.meta) if m["qtype"] not in ("count", "order"))
 
 
+def test_count_sink_changes_the_attention_loss_of_count_questions_only():
+    plain, sink = _teacher(), _teacher(count_sink=True)  # same seed: same weights
+    without_count, with_count = refbench_batches(3, 3)[0], refbench_batches(4, 4)[0]  # types cycle: colour, shape, direction, count
+    assert "count" not in [m["qtype"] for m in without_count.meta] and with_count.meta[3]["qtype"] == "count"
+    loss = {}
+    for name, teacher in (("plain", plain), ("sink", sink)):
+        for key, batch in (("without", without_count), ("with", with_count)):
+            loss[name, key] = teacher.answer_logits(batch, with_visual=True)[2]
+    torch.testing.assert_close(loss["sink", "without"], loss["plain", "without"])
+    assert not torch.allclose(loss["sink", "with"], loss["plain", "with"])
+    loss["sink", "with"].backward()
+    assert sink.model.model.language_model.layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
 def test_qtype_weights_weigh_the_answer_loss():
     batch = refbench_batches(7, 7)[0]
     logits = torch.randn(7, 300)
