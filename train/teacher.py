@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensieve.data.types import VideoBatch
+from tokensieve.eval.refbench.questions import COLOR_NAMES, DIRECTIONS, SHAPES
 from tokensieve.models.backbones import Backbone, load
 from tokensieve.models.backbones.chat_templates import QWEN_VL_CHAT_TEMPLATE_NO_SYSTEM
 from tokensieve.models.backbones.tiny import QWEN_PREPROCESSOR, save_backbone
@@ -189,11 +190,8 @@ def batched_window_attention(attn, hidden_states: torch.Tensor, cu_seqlens: torc
     return attn.proj(out.transpose(1, 2).reshape(seq, -1))
 
 
-AUX_COLORS = ("red", "green", "blue", "yellow")
-AUX_SHAPES = ("circle", "square", "triangle", "cross")
-
-
-AUX_MOTIONS = ("left", "right", "up", "down")
+AUX_COLORS, AUX_SHAPES, AUX_MOTIONS = COLOR_NAMES, SHAPES, DIRECTIONS
+"""Classes of the per-token auxiliary head: the refbench's own colour, shape and direction lists."""
 
 ANSWER_NEEDS_ALL_EVIDENCE = ("count", "order")
 """Question types whose answer *changes* when an evidence token is pruned (a count drops, a later
@@ -314,6 +312,7 @@ class RefBenchTeacher(CompressorModule):
         self.aux_head = torch.nn.Linear(hidden, len(AUX_COLORS) + len(AUX_SHAPES) + len(AUX_MOTIONS) + 3) if aux_weight > 0 else None
         self.skipped: Counter = Counter()
         self._fit_started = None  # perf_counter() at which the elapsed training time was 0
+        self._train_device: str | None = None  # set at fit start: on_fit_end runs after the module is moved back to the CPU
         self._resumed_elapsed = 0.0  # training seconds of earlier jobs (from the checkpoint)
         self._val_by_type: dict[str, list[int]] = {}  # qtype -> [correct, total] of the current validation
 
@@ -402,14 +401,15 @@ class RefBenchTeacher(CompressorModule):
             half = max(1, logit.shape[1] // 2)
             row = logit[b, :half, pad:].softmax(-1).mean(0)[(vs - pad) + cols].sum()
             loss = -torch.log(row + 1e-6)
-            if logit.shape[1] > half and self.hparams.count_sink and (batch.meta[b] or {}).get("qtype") == "count":
-                # counting heads: uniform over the n evidence tokens and <|vision_start|> (a sink),
-                # so the share the sink keeps, 1 / (n + 1), carries the count
-                targets = torch.cat([torch.tensor([vs - 1 - pad], device=h.device), (vs - pad) + cols])
-                loss = 0.5 * (loss - logit[b, half:, pad:].log_softmax(-1)[:, targets].mean())
-            elif logit.shape[1] > half:
-                visual_only = logit[b, half:, vs : vs + kept].softmax(-1).mean(0)[cols].sum()
-                loss = 0.5 * (loss - torch.log(visual_only + 1e-6))
+            if logit.shape[1] > half:
+                if self.hparams.count_sink and (batch.meta[b] or {}).get("qtype") == "count":
+                    # counting heads: uniform over the n evidence tokens and <|vision_start|> (a
+                    # sink), so the share the sink keeps, 1 / (n + 1), carries the count
+                    targets = torch.cat([torch.tensor([vs - 1 - pad], device=h.device), (vs - pad) + cols])
+                    second = -logit[b, half:, pad:].log_softmax(-1)[:, targets].mean()
+                else:
+                    second = -torch.log(logit[b, half:, vs : vs + kept].softmax(-1).mean(0)[cols].sum() + 1e-6)
+                loss = 0.5 * (loss + second)
             losses.append(loss)
         return torch.stack(losses).mean() if losses else None
 
@@ -431,7 +431,7 @@ class RefBenchTeacher(CompressorModule):
 
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter() - self._resumed_elapsed
-        self._train_device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type  # on_fit_end runs after the module is moved back to the CPU
+        self._train_device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         self.model.train()  # the backbone loader left it in eval mode (no dropout either way)
 
     def on_validation_start(self) -> None:
@@ -562,7 +562,7 @@ class RefBenchTeacher(CompressorModule):
             "parameters": params,
             "global_step": int(self.trainer.global_step),
             "train_seconds": round(self.elapsed_seconds(), 1) if self._fit_started is not None else None,
-            "device": self.__dict__.get("_train_device", self.device.type),
+            "device": self._train_device or self.device.type,
             "val_acc": val_correct / val_total if val_total else None,
             "val_samples": val_total,
             "torch": torch.__version__,
