@@ -192,9 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (same files as 1)")
+    p.add_argument("--types", default=None, help="comma-separated question types, cycled in order (repeat a type to weight it up: a training mix); default: each type once")
     for split, n in DEFAULT_SIZES.items():
         p.add_argument(f"--{split}", type=int, default=n, help=f"{split} samples (default {n})")
     args = p.parse_args(argv)
-    summary = generate(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_SIZES}, workers=args.workers)
+    config = RefBenchConfig()
+    if args.types:
+        config.types = [t.strip() for t in args.types.split(",") if t.strip()]
+        unknown = sorted(set(config.types) - set(QUESTION_TYPES))
+        if unknown:
+            p.error(f"--types: unknown question type(s) {unknown}; known: {sorted(QUESTION_TYPES)}")
+    summary = generate(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_SIZES}, config=config, workers=args.workers)
     print(json.dumps({s: v["samples"] for s, v in summary["splits"].items()}), "→", args.out)
     return 0

@@ -170,6 +170,19 @@ def test_write_split_parallel_workers_write_the_same_samples(tmp_path):
                     assert np.abs(decode(a) - decode(b)).max() <= 16, (name, m)
 
 
+def test_cli_types_sets_the_training_mix_and_rejects_unknown_types(tmp_path, capsys):
+    from tokensieve.eval.refbench.generator import main
+
+    assert main(["--out", str(tmp_path), "--train", "6", "--val", "0", "--test", "0", "--types", "count,count,shape"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["types"] == ["count", "count", "shape"]
+    assert summary["splits"]["train"]["qtypes"] == {"count": 4, "shape": 2}
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--train", "1", "--val", "0", "--test", "0", "--types", "count,colour"])
+    err = capsys.readouterr().err
+    assert "--types" in err and "'colour'" in err
+
+
 def _visual(b: int = 2, m: int = 128) -> VisualTokens:
     return VisualTokens(tokens=torch.randn(b, m, 8), valid=torch.ones(b, m, dtype=torch.bool), positions=torch.zeros(3, b, m, dtype=torch.long), frame_index=torch.zeros(b, m, dtype=torch.long), grid=(8, 4, 4))
 
