@@ -37,7 +37,7 @@ class RefBenchConfig:
         frames, height, width, fps: clip geometry (16 frames of 112×112 at 8 fps → a
             Qwen2.5-VL grid of 8 × 4 × 4 = 128 visual tokens).
         types: question types (keys of :data:`~tokensieve.eval.refbench.questions.QUESTION_TYPES`),
-            cycled in order so the mix is exact.
+            cycled in order so the mix is exact; repeat a type to weight it up (a training mix).
         max_evidence_tokens: samples whose evidence covers more tokens are redrawn, so the
             oracle fits in 10% of the tokens (``num_keep(128, 0.1) = 13``).
         clutter: background blobs and bars per clip.
@@ -46,6 +46,9 @@ class RefBenchConfig:
         aligned: objects sit inside one merged-token cell and move whole cells per temporal
             group (see :mod:`~tokensieve.eval.refbench.questions`); False places them freely
             (14–20 px, straddling cells), which a from-scratch teacher fails to learn shapes from.
+
+    Raises:
+        ValueError: ``types`` is empty or names an unknown question type.
     """
 
     frames: int = 16
@@ -58,6 +61,11 @@ class RefBenchConfig:
     pan: float = 1.5
     crf: int = 14
     aligned: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.types) - set(QUESTION_TYPES))
+        if not self.types or unknown:
+            raise ValueError(f"RefBenchConfig.types: unknown question type(s) {unknown or '(none given)'}; known: {sorted(QUESTION_TYPES)}")
 
     @property
     def grid(self) -> TokenGrid:
@@ -186,6 +194,9 @@ def generate(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m tokensieve.eval.refbench``: write the splits (see :func:`generate`) and print
+    their sizes. Returns 0; a bad argument (an unknown ``--types`` entry) exits with argparse's
+    usage error (status 2), naming the option."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m tokensieve.eval.refbench", description="write the reference benchmark's shards")
@@ -196,12 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     for split, n in DEFAULT_SIZES.items():
         p.add_argument(f"--{split}", type=int, default=n, help=f"{split} samples (default {n})")
     args = p.parse_args(argv)
-    config = RefBenchConfig()
-    if args.types:
-        config.types = [t.strip() for t in args.types.split(",") if t.strip()]
-        unknown = sorted(set(config.types) - set(QUESTION_TYPES))
-        if unknown:
-            p.error(f"--types: unknown question type(s) {unknown}; known: {sorted(QUESTION_TYPES)}")
+    try:
+        config = RefBenchConfig(types=[t.strip() for t in args.types.split(",") if t.strip()]) if args.types else RefBenchConfig()
+    except ValueError as err:
+        p.error(f"--types: {err}")
     summary = generate(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_SIZES}, config=config, workers=args.workers)
     print(json.dumps({s: v["samples"] for s, v in summary["splits"].items()}), "→", args.out)
     return 0

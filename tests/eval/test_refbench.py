@@ -181,6 +181,8 @@ def test_cli_types_sets_the_training_mix_and_rejects_unknown_types(tmp_path, cap
         main(["--out", str(tmp_path / "bad"), "--train", "1", "--val", "0", "--test", "0", "--types", "count,colour"])
     err = capsys.readouterr().err
     assert "--types" in err and "'colour'" in err
+    with pytest.raises(ValueError, match="RefBenchConfig.types"):
+        RefBenchConfig(types=["color", "size"])
 
 
 def _visual(b: int = 2, m: int = 128) -> VisualTokens:
